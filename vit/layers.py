@@ -1,0 +1,384 @@
+"""Building blocks of a Vision Transformer.
+
+Shapes used throughout: B batch, N query tokens, M key/value tokens, D embedding
+width, H heads, Dh = D // H head width, C image channels.
+
+Sub-module names follow timm's ``vision_transformer.py`` (``qkv``, ``proj``,
+``norm1``, ``ls1``, ``mlp.fc1`` ...) so that a state dict moves between the two
+packages without renaming; see :mod:`vit.timm_interop`.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttentionImpl = Literal["auto", "fused", "explicit"]
+
+# timm and the original JAX ViT both use eps=1e-6; matching it keeps outputs equal.
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def to_2tuple(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``7 -> (7, 7)``; ``(28, 32)`` stays. Anything else is a ValueError naming ``name``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
+    if min(pair) <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return pair
+
+
+class PatchEmbed(nn.Module):
+    """Cut an image into non-overlapping patches and embed each one linearly.
+
+    A ``P x P`` convolution with stride ``P`` applies the same ``(C*P*P) -> D``
+    matrix to every flattened patch, i.e. it *is* the paper's linear patch
+    projection, only without materialising the unfolded patches.
+
+    ``(B, C, H, W) -> (B, N, D)`` with ``N = (H / P) * (W / P)``.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int | Sequence[int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+    ) -> None:
+        super().__init__()
+        self.img_size = to_2tuple(img_size, "img_size")
+        self.patch_size = to_2tuple(patch_size, "patch_size")
+        for axis, size, patch in zip(("height", "width"), self.img_size, self.patch_size):
+            if size % patch:
+                raise ValueError(
+                    f"image {axis} {size} is not divisible by patch size {patch}; "
+                    f"choose an img_size that is a multiple of patch_size"
+                )
+        if in_chans <= 0:
+            raise ValueError(f"in_chans must be positive, got {in_chans}")
+        self.in_chans = in_chans
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"expected images of shape (B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}), "
+                f"got {tuple(x.shape)}"
+            )
+        x = self.proj(x)  # (B, D, H/P, W/P)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+def _explicit_attention_is_faster(q: torch.Tensor) -> bool:
+    """Pick the attention path for ``attn_impl='auto'``.
+
+    On CPU, PyTorch's fused kernel for bf16/fp16 runs slower than two plain
+    matmuls and a softmax (bench/model_throughput.py measures it); elsewhere the
+    fused kernel wins or ties and saves the (B, H, N, M) attention matrix.
+    """
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention, written out step by step.
+
+    For each head h: ``Q_h = x W_h^Q``, ``K_h = c W_h^K``, ``V_h = c W_h^V`` with
+    ``c = context`` (or ``x`` for self-attention), then
+    ``head_h = softmax(Q_h K_h^T / sqrt(Dh) + mask) V_h`` and finally
+    ``out = concat(head_1, ..., head_H) W^O``.
+
+    The per-head matrices W_h^Q, W_h^K, W_h^V are the row blocks of one
+    ``qkv`` linear layer (``3D x D``), so self-attention costs one matmul; for
+    cross-attention the query rows are applied to ``x`` and the key/value rows
+    to ``context``. ``proj`` is W^O.
+
+    Two paths give the same numbers: the fused
+    ``torch.nn.functional.scaled_dot_product_attention`` kernel (default) and the
+    explicit one above, used when attention weights are requested or when it is
+    faster (see ``attn_impl``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        attn_impl: AttentionImpl = "auto",
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or num_heads <= 0:
+            raise ValueError(f"dim and num_heads must be positive, got dim={dim}, num_heads={num_heads}")
+        if dim % num_heads:
+            raise ValueError(
+                f"embed_dim {dim} is not divisible by num_heads {num_heads}; "
+                f"each head needs an equal share of the embedding"
+            )
+        if attn_impl not in ("auto", "fused", "explicit"):
+            raise ValueError(f"attn_impl must be 'auto', 'fused' or 'explicit', got {attn_impl!r}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attn_impl = attn_impl
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        # qk-norm (ViT-22B): LayerNorm over each head's queries and keys keeps logits bounded.
+        self.q_norm = LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, N, D) -> (B, H, N, Dh)``"""
+        B, N, _ = t.shape
+        return t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _project_qkv(
+        self, x: torch.Tensor, context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries from ``x`` (B, N, D); keys and values from ``context`` (B, M, D) or ``x``.
+
+        Returns q (B, H, N, Dh), k and v (B, H, M, Dh).
+        """
+        B, N, _ = x.shape
+        if context is None:
+            qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            w_q, w_kv = self.qkv.weight.split([self.dim, 2 * self.dim])
+            b_q, b_kv = self.qkv.bias.split([self.dim, 2 * self.dim]) if self.qkv.bias is not None else (None, None)
+            q = self._split_heads(F.linear(x, w_q, b_q))
+            k, v = (self._split_heads(t) for t in F.linear(context, w_kv, b_kv).chunk(2, dim=-1))
+        return self.q_norm(q), self.k_norm(k), v
+
+    def _allowed(
+        self, mask: torch.Tensor | None, causal: bool, n_query: int, n_key: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """Boolean (…, N, M) tensor, True where a query may attend to a key; None if all may."""
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
+            try:
+                torch.broadcast_shapes(mask.shape, (1, self.num_heads, n_query, n_key))
+            except RuntimeError:
+                raise ValueError(
+                    f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                    f"(B, heads={self.num_heads}, N_query={n_query}, N_key={n_key})"
+                ) from None
+        if causal:
+            # Query i sees keys 0..i, the same top-left alignment as SDPA's is_causal.
+            causal_mask = torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril()
+            mask = causal_mask if mask is None else mask & causal_mask
+        return mask
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attend from ``x`` (B, N, D) to ``context`` (B, M, D), or to itself.
+
+        Args:
+            mask: bool, broadcastable to (B, H, N, M); True where attention is allowed.
+                A query row with no allowed key has no defined output (NaN), as in SDPA.
+            causal: query i attends only to keys 0..i (a decoder's self-attention).
+            return_attention: also return the attention probabilities (B, H, N, M).
+
+        Returns:
+            (B, N, D), or ``(output, attention)`` when ``return_attention``.
+        """
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected x of shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        if context is not None and (context.ndim != 3 or context.shape[-1] != self.dim
+                                    or context.shape[0] != x.shape[0]):
+            raise ValueError(
+                f"expected context of shape ({x.shape[0]}, M, {self.dim}), got {tuple(context.shape)}"
+            )
+        q, k, v = self._project_qkv(x, context)
+        allowed = self._allowed(mask, causal, q.shape[-2], k.shape[-2], x.device)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+
+        explicit = (
+            return_attention
+            or self.attn_impl == "explicit"
+            or (self.attn_impl == "auto" and _explicit_attention_is_faster(q))
+        )
+        attn = None
+        if explicit:
+            scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, M)
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            attn = scores.softmax(dim=-1)
+            out = self.attn_drop(attn) @ v  # (B, H, N, Dh)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+        out = out.transpose(1, 2).reshape(x.shape)  # concatenate heads: (B, N, H*Dh)
+        out = self.proj_drop(self.proj(out))
+        return (out, attn) if return_attention else out
+
+
+class Mlp(nn.Module):
+    """Position-wise feed-forward network: ``(B, N, D) -> (B, N, hidden) -> (B, N, D)``."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    """Learned per-channel scale of a residual branch (CaiT), initialised small."""
+
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample with probability ``p``.
+
+    Survivors are scaled by ``1 / (1 - p)`` so the expected output is unchanged.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one coin per sample
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer encoder block.
+
+    ``x = x + DropPath(LayerScale(Attention(LayerNorm(x))))``
+    ``x = x + DropPath(LayerScale(Mlp(LayerNorm(x))))``; shape (B, N, D) throughout.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        attn_impl: AttentionImpl = "auto",
+    ) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, attn_impl)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> (B, N, D), plus the attention (B, H, N, N) when asked."""
+        if return_attention:
+            attended, attn = self.attn(self.norm1(x), return_attention=True)
+        else:
+            attended, attn = self.attn(self.norm1(x)), None
+        x = x + self.drop_path1(self.ls1(attended))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return (x, attn) if return_attention else x
+
+
+def sincos_2d_position_embedding(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MoCo v3, "Simple ViT").
+
+    A quarter of the channels encode sin/cos of the row index, a quarter of the
+    column index, at geometrically spaced frequencies. Returns (gh * gw, dim).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs embed_dim divisible by 4, got {dim}")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_size[0], dtype=torch.float32),
+        torch.arange(grid_size[1], dtype=torch.float32),
+        indexing="ij",
+    )
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    rows = rows.flatten()[:, None] * omega[None, :]
+    cols = cols.flatten()[:, None] * omega[None, :]
+    return torch.cat([cols.sin(), cols.cos(), rows.sin(), rows.cos()], dim=1)
+
+
+def resample_position_embedding(
+    pos_embed: torch.Tensor,
+    new_grid: tuple[int, int],
+    old_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+) -> torch.Tensor:
+    """Resize learned position embeddings to another patch grid (ViT fine-tuning at a new resolution).
+
+    ``(1, prefix + gh*gw, D) -> (1, prefix + new_gh*new_gw, D)``: the grid part is
+    interpolated bicubically as a D-channel image; class-token entries are kept.
+    """
+    if tuple(new_grid) == tuple(old_grid):
+        return pos_embed
+    expected = num_prefix_tokens + old_grid[0] * old_grid[1]
+    if pos_embed.ndim != 3 or pos_embed.shape[1] != expected:
+        raise ValueError(
+            f"position embedding of shape {tuple(pos_embed.shape)} does not match a "
+            f"{old_grid[0]}x{old_grid[1]} grid with {num_prefix_tokens} prefix token(s) (expected {expected} tokens)"
+        )
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = grid.shape[-1]
+    orig_dtype = grid.dtype
+    grid = grid.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(orig_dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def grid_from_length(num_tokens: int, num_prefix_tokens: int) -> tuple[int, int]:
+    """Infer a square patch grid from a position-embedding length (checkpoints do not store it)."""
+    side = math.isqrt(num_tokens - num_prefix_tokens)
+    if side * side != num_tokens - num_prefix_tokens:
+        raise ValueError(
+            f"cannot infer the patch grid of a position embedding with {num_tokens} tokens "
+            f"({num_prefix_tokens} prefix); it is not square"
+        )
+    return side, side

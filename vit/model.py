@@ -1,0 +1,215 @@
+"""The Vision Transformer (Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words").
+
+image (B, C, H, W)
+  -> patches, linearly embedded           (B, N, D)      N = H*W / P^2
+  -> prepend class token                  (B, 1 + N, D)
+  -> add position embeddings              (B, 1 + N, D)
+  -> depth x pre-norm encoder Block       (B, 1 + N, D)
+  -> LayerNorm, pool (class token or mean) (B, D)
+  -> linear head                          (B, num_classes)
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import nn
+
+from vit.layers import (
+    AttentionImpl,
+    Block,
+    LayerNorm,
+    PatchEmbed,
+    grid_from_length,
+    resample_position_embedding,
+    sincos_2d_position_embedding,
+)
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier. Keyword names and meanings follow timm's ``VisionTransformer``.
+
+    Args:
+        img_size: input height and width (int or (H, W)); must be a multiple of ``patch_size``.
+        patch_size: side of the square patches.
+        in_chans: image channels (1 for MNIST, 3 for RGB).
+        num_classes: classifier outputs; 0 keeps the pooled features (no head).
+        global_pool: ``'token'`` classifies the class token, ``'avg'`` the mean of patch tokens.
+        embed_dim, depth, num_heads, mlp_ratio: width, number of blocks, heads per block,
+            MLP hidden width as a multiple of ``embed_dim``.
+        qkv_bias, qk_norm: bias on the Q/K/V projection; LayerNorm on each head's queries and keys.
+        init_values: LayerScale initial value; None disables LayerScale.
+        class_token: prepend a learned class token.
+        pos_embed: ``'learn'`` (learned, the paper's), ``'sincos'`` (fixed 2-D) or ``'none'``.
+        fc_norm: put the final LayerNorm after pooling; None means "when global_pool='avg'" (timm's rule).
+        drop_rate: dropout before the head (timm's meaning).
+        pos_drop_rate: dropout after adding position embeddings.
+        proj_drop_rate: dropout after attention output projection and in the MLP.
+        attn_drop_rate: dropout on the attention probabilities.
+        drop_path_rate: stochastic depth, rising linearly from 0 to this value over the blocks.
+        attn_impl: ``'auto'`` (fastest exact path for the device and dtype), ``'fused'`` or ``'explicit'``.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int | Sequence[int] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: Literal["token", "avg"] = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        init_values: float | None = None,
+        class_token: bool = True,
+        pos_embed: Literal["learn", "sincos", "none"] = "learn",
+        fc_norm: bool | None = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        attn_impl: AttentionImpl = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; "
+                f"each head needs an equal share of the embedding"
+            )
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without it")
+        if pos_embed not in ("learn", "sincos", "none"):
+            raise ValueError(f"pos_embed must be 'learn', 'sincos' or 'none', got {pos_embed!r}")
+        for name, rate in (("drop_rate", drop_rate), ("pos_drop_rate", pos_drop_rate),
+                           ("proj_drop_rate", proj_drop_rate), ("attn_drop_rate", attn_drop_rate),
+                           ("drop_path_rate", drop_path_rate)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {rate}")
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = self.num_features = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.pos_embed_type = pos_embed
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.img_size, self.patch_size, self.in_chans = (
+            self.patch_embed.img_size, self.patch_embed.patch_size, in_chans)
+        num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        if pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
+        elif pos_embed == "sincos":
+            table = sincos_2d_position_embedding(self.patch_embed.grid_size, embed_dim)
+            table = torch.cat([torch.zeros(self.num_prefix_tokens, embed_dim), table])[None]
+            self.register_buffer("pos_embed", table)  # fixed, but saved so checkpoints are self-contained
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        # deeper blocks drop more: 0 for the first, drop_path_rate for the last
+        drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_drop_rate, attn_drop_rate,
+                  drop_path_rates[i], init_values, attn_impl)
+            for i in range(depth)
+        ])
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim)
+        self.fc_norm = LayerNorm(embed_dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.init_weights()
+        # A checkpoint made at another resolution loads with resampled position embeddings.
+        self.register_load_state_dict_pre_hook(self._resample_pos_embed_on_load)
+
+    def init_weights(self) -> None:
+        """Initialise as the ViT paper's code: N(0, 0.02) position embeddings, zero class token,
+        truncated-normal(0.02) linear weights with zero biases; LayerNorms at identity."""
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that weight decay should not shrink (they are not weights of a linear map)."""
+        return {"pos_embed", "cls_token"}
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, prefix + N, D): patch embedding, class token, position embedding."""
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normalised tokens (B, prefix + N, D)."""
+        return self.norm(self.blocks(self._embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (B, T, D) -> logits (B, num_classes), or pooled features (B, D) if ``pre_logits``."""
+        x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def get_attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Attention probabilities of every block, each (B, heads, T, T) with T = prefix + N.
+
+        Row i of a map is where token i looks; with a class token, row 0 is what the
+        classifier reads from. Computed by the explicit attention path in eval mode
+        semantics of the current module state (call ``model.eval()`` for deterministic maps).
+        """
+        x = self._embed(x)
+        maps = []
+        for block in self.blocks:
+            x, attn = block(x, return_attention=True)
+            maps.append(attn)
+        return maps
+
+    # -- resolution changes -----------------------------------------------------------------------
+
+    def _resample_pos_embed_on_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                                    *args: Any, **kwargs: Any) -> None:
+        key = prefix + "pos_embed"
+        if key not in state_dict or not isinstance(self.pos_embed, nn.Parameter):
+            return
+        stored = state_dict[key]
+        if stored.shape == self.pos_embed.shape:
+            return
+        if stored.ndim != 3 or stored.shape[-1] != self.embed_dim:
+            return  # a different model; load_state_dict reports the mismatch
+        old_grid = grid_from_length(stored.shape[1], self.num_prefix_tokens)
+        state_dict[key] = resample_position_embedding(
+            stored, self.patch_embed.grid_size, old_grid, self.num_prefix_tokens)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (buffers such as fixed sin-cos tables are not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
