@@ -1,0 +1,122 @@
+"""The data configuration: one flat dataclass that Hydra's ConfigStore can hold.
+
+Only str / int / float / bool, ``Optional`` of those and ``list[str]`` fields are used,
+so the same class works as a structured config and as a plain Python object.
+``resolve_config`` turns any mapping (a dict, an OmegaConf ``DictConfig``) into a
+validated ``DataConfig`` and is the one place where option values are checked.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+DATASET_NAMES: tuple[str, ...] = (
+    "mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100", "cifar2", "imagefolder",
+)
+SOURCES: tuple[str, ...] = ("torchvision", "npz")
+BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "fail")
+
+
+@dataclass
+class DataConfig:
+    """What to load and how to batch it.
+
+    name: one of ``DATASET_NAMES``.
+    root: dataset root. torchvision datasets live in (and download into) it; mnist5k is read
+        from ``ROOT/mnist5k/mnist5k.npz``; imagefolder uses it as its folder when ``path`` is None.
+    download: let torchvision download missing files (needs a network).
+    source: for cifar10 / cifar100 / cifar2: "torchvision" (the python batches under ``root``)
+        or "npz" (one arrays file named by ``path``, keys x_train, y_train, x_test, y_test,
+        optional classes; images uint8 NHWC).
+    path: the .npz file for source=npz; the folder holding train/ val/ [test/] for imagefolder
+        (None: ``root``).
+    batch_size / eval_batch_size: training batch size; evaluation batch size (None: batch_size).
+    num_workers, pin_memory, persistent_workers, prefetch_factor: passed to every DataLoader
+        (the last two only when num_workers > 0).
+    val_fraction: share of the training split held out for validation, with ``split_seed``,
+        for datasets that have no validation split of their own.
+    img_size: side of the square images the model sees (None: the dataset's native size; 224
+        for imagefolder). In-memory datasets are resized on the batch when it differs.
+    augment: train-time augmentation (random crop + flip; no flip for digits).
+    classes: for cifar2, the CIFAR-10 class names to keep, in label order (empty: cat, dog).
+    max_train_samples: keep a seeded random subset of this many training samples.
+    bad_image_policy: for imagefolder, "skip" unreadable images (listed in
+        ``dm.skipped_files``) or "fail" on the first one.
+    """
+
+    name: str = "mnist5k"
+    root: str = "data"
+    download: bool = True
+    source: str = "torchvision"
+    path: Optional[str] = None
+    batch_size: int = 128
+    eval_batch_size: Optional[int] = None
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    prefetch_factor: Optional[int] = None
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    img_size: Optional[int] = None
+    augment: bool = True
+    classes: list[str] = field(default_factory=list)
+    max_train_samples: Optional[int] = None
+    bad_image_policy: str = "skip"
+
+
+def resolve_config(cfg: DataConfig | Mapping[str, Any] | None = None, **overrides: Any) -> DataConfig:
+    """Return a validated ``DataConfig`` from a DataConfig, a dict or an OmegaConf DictConfig.
+
+    ``overrides`` replace single fields, e.g. ``resolve_config(cfg, batch_size=32)``.
+    Raises ValueError on an unknown field or an invalid value.
+    """
+    if cfg is None:
+        values: dict[str, Any] = {}
+    elif isinstance(cfg, DataConfig):
+        values = dataclasses.asdict(cfg)
+    elif isinstance(cfg, DictConfig):
+        values = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    elif isinstance(cfg, Mapping):
+        values = dict(cfg)
+    else:
+        raise TypeError(f"expected a DataConfig or a mapping of its fields, got {type(cfg).__name__}")
+    values.update(overrides)
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown data option(s) {unknown}; valid options: {sorted(known)}")
+    if values.get("classes") is not None:
+        values["classes"] = [str(c) for c in values["classes"]]
+    resolved = DataConfig(**values)
+    _validate(resolved)
+    return resolved
+
+
+def _choice(option: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        close = difflib.get_close_matches(str(value), valid, n=3)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown {option} {value!r}; valid values: {', '.join(valid)}.{hint}")
+
+
+def _validate(cfg: DataConfig) -> None:
+    _choice("dataset name (data.name)", cfg.name, DATASET_NAMES)
+    _choice("data.source", cfg.source, SOURCES)
+    _choice("data.bad_image_policy", cfg.bad_image_policy, BAD_IMAGE_POLICIES)
+    for option in ("batch_size", "eval_batch_size", "prefetch_factor", "img_size", "max_train_samples"):
+        value = getattr(cfg, option)
+        if value is not None and value <= 0:
+            raise ValueError(f"data.{option} must be a positive integer, got {value}")
+    if cfg.num_workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.classes and cfg.name != "cifar2":
+        raise ValueError(f"data.classes selects CIFAR-10 classes for cifar2 only; got it for {cfg.name!r}")
+    if cfg.source == "npz" and cfg.name in ("cifar10", "cifar100", "cifar2") and not cfg.path:
+        raise ValueError("data.source=npz needs data.path, the .npz file with x_train, y_train, x_test, y_test")

@@ -1,0 +1,166 @@
+"""Image folders on disk: ``PATH/{train,val[,test]}/<class>/<image>``, decoded lazily with PIL.
+
+Listing follows torchvision's ImageFolder: classes are the sub-folders of ``train/`` in
+sorted order, and only files with an extension in ``IMG_EXTENSIONS`` count (so a ``.gif``,
+which ImageFolder does not read either, is ignored, not decoded). ``val/`` and ``test/`` use
+the class-to-index mapping of ``train/``.
+
+Unreadable images are found once, in ``check_images``, by decoding every file at reduced
+scale (JPEG draft mode makes that a fraction of a full decode); that catches both files that
+are not images and truncated ones, which a header-only ``Image.verify()`` misses. Datasets are
+built from the readable files only, so workers never meet a bad file that was there at setup;
+a file that breaks later raises a ValueError naming it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[str, int]  # (file path, class index)
+
+
+def find_classes(train_dir: Path) -> list[str]:
+    """The class names of an image folder split: its non-hidden sub-folders, sorted."""
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"no folder {train_dir}")
+    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{train_dir} has no class sub-folders; expected {train_dir}/<class>/<image files>")
+    return classes
+
+
+def list_samples(split_dir: Path, classes: Sequence[str]) -> list[Sample]:
+    """(path, class index) of every image file under ``split_dir/<class>/`` for the given classes.
+
+    Raises ValueError naming the folder when a class folder is missing or holds no image file,
+    or when ``split_dir`` has a class folder that is not in ``classes``.
+    """
+    found = set(find_classes(split_dir))
+    extra = sorted(found - set(classes))
+    if extra:
+        raise ValueError(f"{split_dir} has class folders {extra} that the training split does not have")
+    samples: list[Sample] = []
+    for index, name in enumerate(classes):
+        class_dir = split_dir / name
+        if name not in found:
+            raise ValueError(f"class folder {class_dir} is missing; every split needs the classes of train/: "
+                             f"{list(classes)}")
+        files = sorted(
+            str(Path(root) / f)
+            for root, _, names in os.walk(class_dir, followlinks=True)
+            for f in names
+            if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
+        )
+        if not files:
+            raise ValueError(f"class folder {class_dir} holds no image files ({', '.join(IMG_EXTENSIONS)})")
+        samples.extend((f, index) for f in files)
+    return samples
+
+
+def check_images(samples: Sequence[Sample], policy: str, threads: int = 8) -> tuple[list[Sample], list[str]]:
+    """Decode every image (at reduced scale) and split ``samples`` into (readable, bad file paths).
+
+    policy "fail": raise ValueError naming the first unreadable file (in listing order).
+    """
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # PIL releases the GIL while decoding
+        errors = list(pool.map(_decode_error, (path for path, _ in samples)))
+    bad = [path for (path, _), error in zip(samples, errors) if error is not None]
+    if bad and policy == "fail":
+        first = next(e for e in errors if e is not None)
+        raise ValueError(f"unreadable image {bad[0]}: {first} (data.bad_image_policy=fail; use skip to leave it out)")
+    return [s for s, error in zip(samples, errors) if error is None], bad
+
+
+def _decode_error(path: str) -> str | None:
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (64, 64))
+            img.load()
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad files
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def load_rgb(path: str, min_side: int) -> Image.Image:
+    """Open an image as 8-bit RGB whatever its mode.
+
+    JPEGs are decoded at the smallest DCT scale that keeps both sides >= ``min_side``, which
+    makes multi-megapixel photos several times cheaper to load. Transparent images are put on
+    white; 16/32-bit greyscale is scaled from 0..65535 to 0..255.
+    """
+    with Image.open(path) as img:
+        img.draft("RGB", (min_side, min_side))
+        img.load()
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode (1, L, LA, P, RGBA, CMYK, YCbCr, I;16, I, F, ...) to RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        # PIL's own conversion clips these to 0..255; scale the 16-bit range instead.
+        grey = np.asarray(img, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Image.Image], Tensor]:
+    """RandomResizedCrop(scale 0.35..1) + horizontal flip, then float (3, S, S) normalised."""
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        *_to_normalised_tensor(mean, std),
+    ])
+
+
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Image.Image], Tensor]:
+    """Resize the short side to img_size / 0.875, centre-crop img_size: float (3, S, S) normalised."""
+    return v2.Compose([
+        v2.Resize(int(img_size / 0.875), antialias=True),
+        v2.CenterCrop(img_size),
+        *_to_normalised_tensor(mean, std),
+    ])
+
+
+def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+class ImageFileDataset(Dataset):
+    """Images read from disk: ``dataset[i]`` -> (float32 (3, S, S) normalised, int class index)."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], Tensor], img_size: int) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        # Decode JPEGs no smaller than twice the output side: enough for the eval resize
+        # (1.14x) and for RandomResizedCrop's smallest crops (sqrt(0.35) ~ 0.59 of a side).
+        self.min_side = 2 * img_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            img = load_rgb(path, self.min_side)
+        except Exception as error:
+            raise ValueError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
+        return self.transform(img), label
