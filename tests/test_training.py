@@ -1,0 +1,196 @@
+"""Training end to end: config validation, real short fits, resume, sweeps, outputs, predict."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+from vit.config import model_config_yaml, register_configs
+from vit.errors import ConfigError
+from vit.registry import list_models
+from vit.training import run
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED = str(REPO / "data")
+
+register_configs()
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def quick(tmp_path: Path, *overrides: str) -> list[str]:
+    """Overrides for a run of a few seconds on the embedded digits, writing into tmp_path."""
+    return [f"data.root={EMBEDDED}", f"output_dir={tmp_path}", "trainer.max_epochs=1",
+            "data.max_train_samples=256", "trainer.enable_progress_bar=false", *overrides]
+
+
+def train_py(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+# -- configuration ------------------------------------------------------------------------------------
+
+def test_default_config_is_the_offline_vit():
+    cfg = compose_train()
+    assert cfg.model.name == "vit_mnist" and cfg.data.name == "mnist5k"
+    assert cfg.train and cfg.test and cfg.ckpt_path is None and cfg.seed == 42
+    assert cfg.trainer.accelerator == "cpu"
+
+
+def test_overrides_reach_the_model_and_groups():
+    cfg = compose_train("model=vit_cifar", "data=cifar2", "model.patch_size=8", "model.num_heads=6",
+                        "optim.lr=3e-4", "trainer.max_epochs=50", "optim=sgd")
+    assert (cfg.model.patch_size, cfg.model.num_heads, cfg.optim.lr, cfg.trainer.max_epochs) == (8, 6, 3e-4, 50)
+    assert cfg.optim.name == "sgd" and list(cfg.data.classes) == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("data.batchsize=3", "batchsize"),
+    ("trainer.max_epochs=many", "max_epochs"),
+    ("optim.lr=fast", "lr"),
+    ("model.patchsize=3", "patchsize"),
+    ("trainer=tpu", "tpu"),
+])
+def test_hydra_refuses_unknown_keys_and_wrong_types(override, named):
+    with pytest.raises((ConfigCompositionException, ValidationError), match=named) as raised:
+        compose_train(override)
+    assert named in str(raised.value) + str(raised.value.__cause__)
+
+
+def test_model_values_are_checked_against_the_constructor(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.depth must be int.*got 'deep'"):
+        run(compose_train(*quick(tmp_path, "model.depth=deep")))
+    with pytest.raises(ConfigError, match="embed_dim 64 is not divisible by num_heads 5"):
+        run(compose_train(*quick(tmp_path, "model.num_heads=5")))
+    with pytest.raises(ConfigError, match="model.num_classes=3 but dataset 'mnist5k' has 10 classes"):
+        run(compose_train(*quick(tmp_path, "model.num_classes=3")))
+    with pytest.raises(ConfigError, match="in_chans=3 .* 1-channel images"):
+        run(compose_train(*quick(tmp_path, "model=vit_cifar")))
+
+
+def test_every_registered_model_has_a_config_in_sync_with_the_registry():
+    for name in list_models():
+        path = REPO / "conf" / "model" / f"{name}.yaml"
+        assert path.read_text() == model_config_yaml(name), f"regenerate with `python -m vit.config` ({path})"
+
+
+# -- runs ---------------------------------------------------------------------------------------------
+
+def test_a_run_leaves_results_curves_and_checkpoints(tmp_path):
+    results = run(compose_train(*quick(tmp_path, "model=linear_mnist", "trainer.max_epochs=2", "optim.lr=0.01",
+                                       "optim.warmup_epochs=0")))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["model"] == "linear_mnist" and saved["dataset"] == "mnist5k"
+    assert saved["params"] == 7850 and saved["epochs"] == 2 and saved["global_step"] == 2 * 4  # 256 / 64
+    assert saved["train_time_s"] > 0 and saved["train_images_per_s"] > 0
+    for key in ("val_acc", "test_acc"):
+        assert 0.5 < saved[key] <= 1.0  # a linear model on real digits beats chance (0.1) after 512 images
+    for name in ("metrics.csv", "loss.png", "accuracy.png", "confusion_matrix.png", "checkpoints/last.ckpt"):
+        assert (tmp_path / name).is_file(), name
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert {"train/loss_epoch", "val/acc", "test/acc", "val/acc_top5"} <= set(header.split(","))
+
+
+def test_testing_a_checkpoint_reproduces_its_score(tmp_path):
+    first = run(compose_train(*quick(tmp_path / "a", "model=linear_mnist")))
+    again = run(compose_train(*quick(tmp_path / "b", "train=false", f"ckpt_path={first['best_checkpoint']}")))
+    assert again["test_acc"] == pytest.approx(first["test_acc"], abs=1e-6)
+    assert again["epochs"] == 0
+
+
+def test_resume_continues_at_the_right_epoch_step_and_learning_rate(tmp_path):
+    common = ("model=linear_mnist", "data.batch_size=32", "optim.warmup_epochs=0.5", "trainer.max_epochs=3",
+              "callbacks.save_top_k=-1")  # keep every epoch's checkpoint, as if the run had been stopped
+    straight = run(compose_train(*quick(tmp_path / "straight", *common)))
+    checkpoint = tmp_path / "straight" / "checkpoints" / "epoch000-step8.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0 and saved["global_step"] == 8
+    resumed = run(compose_train(*quick(tmp_path / "resumed", *common, f"ckpt_path={checkpoint}")))
+    assert resumed["epochs"] == straight["epochs"] == 3
+    assert resumed["global_step"] == straight["global_step"] == 24
+
+    def lr_per_epoch(run_dir: Path) -> list[float]:
+        rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()]
+        column = rows[0].index("lr-AdamW/pg1")
+        return [float(r[column]) for r in rows[1:] if r[column]]
+
+    assert lr_per_epoch(tmp_path / "resumed") == pytest.approx(lr_per_epoch(tmp_path / "straight")[-2:])
+
+
+@pytest.mark.slow
+def test_short_fit_on_real_mnist_beats_chance_by_far(tmp_path, datasets_root):
+    results = run(compose_train(
+        f"data.root={datasets_root}", "data=mnist", f"output_dir={tmp_path}", "trainer.max_epochs=null",
+        "trainer.max_steps=300", "data.batch_size=64", "trainer.limit_val_batches=10",
+        "trainer.val_check_interval=100", "trainer.check_val_every_n_epoch=null", "optim.warmup_steps=30",
+        "trainer.enable_progress_bar=false"))
+    assert results["global_step"] == 300
+    assert results["test_acc"] > 0.85  # chance is 0.10; evaluated on all 10,000 test digits
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_two_job_sweep_runs_both(tmp_path):
+    done = train_py("-m", "model=linear_mnist,cnn_mnist", f"data.root={EMBEDDED}", "trainer.max_epochs=1",
+                    "data.max_train_samples=128", f"hydra.sweep.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted(json.loads(p.read_text())["model"] for p in tmp_path.glob("*/results.json"))
+    assert results == ["cnn_mnist", "linear_mnist"]
+    assert all((p.parent / ".hydra" / "config.yaml").is_file() for p in tmp_path.glob("*/results.json"))
+
+
+def test_missing_offline_data_is_one_clear_message(tmp_path):
+    done = train_py("data=mnist", f"data.root={tmp_path}", "data.download=false",
+                    f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 2
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output
+    assert str(tmp_path.resolve()) in output and "MNIST" in output
+
+
+def test_bad_override_exits_with_the_key_named(tmp_path):
+    done = train_py("data.batchsize=3", f"hydra.run.dir={tmp_path}")
+    assert done.returncode != 0 and "batchsize" in done.stderr
+
+
+@pytest.mark.slow
+def test_imagefolder_trains_from_jpeg_files(tmp_path, datasets_root):
+    results = run(compose_train(
+        "data=imagefolder", f"data.path={datasets_root / 'hymenoptera_data'}", "model=vit_cifar",
+        "model.depth=2", f"output_dir={tmp_path}", "trainer.max_epochs=1", "data.batch_size=32",
+        "trainer.enable_progress_bar=false", "data.persistent_workers=false"))
+    assert results["dataset"] == "imagefolder" and results["model_config"]["num_classes"] == 2
+    assert 0.0 <= results["test_acc"] <= 1.0 and results["global_step"] == 8  # 244 images / 32
+
+
+def test_predict_prints_top_k_for_each_image(tmp_path):
+    results = run(compose_train(*quick(tmp_path / "run", "model=linear_mnist")))
+    import numpy as np
+    from PIL import Image
+
+    digits = np.load(REPO / "data" / "mnist5k" / "mnist5k.npz")
+    for i in (0, 4999):
+        Image.fromarray(digits["images"][i]).save(tmp_path / f"digit{i}.png")
+    done = subprocess.run([sys.executable, str(REPO / "predict.py"), f"ckpt_path={results['best_checkpoint']}",
+                           f"images=[{tmp_path}]", "top_k=3"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.count(",") == 2 for line in lines)
+    probabilities = [float(part.split()[-1]) for part in lines[0].split(": ", 1)[1].split(", ")]
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0001

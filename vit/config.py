@@ -1,0 +1,184 @@
+"""Typed configuration of a training run, registered with Hydra's ConfigStore.
+
+``conf/train.yaml`` starts from the ``train_schema`` stored here, so Hydra refuses a
+field of the wrong type or a key that does not exist, naming it. The ``model``
+node differs per model (its keys are the model's constructor arguments), so it is
+checked against the registry by :func:`model_kwargs` instead of a dataclass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from vit.data import DataConfig
+from vit.registry import get_model_spec, list_models
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (or SGD) with linear warm-up then cosine decay, stepped every optimizer step."""
+
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 1.0  # fraction of an epoch allowed; warmup_steps wins when set
+    warmup_steps: Optional[int] = None
+    min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
+
+
+@dataclass
+class LossConfig:
+    """Cross-entropy and the label-mixing regularisers (timm's Mixup implementation)."""
+
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # 0 disables mixup
+    cutmix_alpha: float = 0.0  # 0 disables cutmix
+    mix_prob: float = 1.0  # chance that a batch is mixed at all, when either alpha > 0
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of ``lightning.Trainer`` (same names and meanings)."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: Any = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_epochs: Optional[int] = 10
+    max_steps: int = -1
+    max_time: Optional[str] = None  # "DD:HH:MM:SS"
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    check_val_every_n_epoch: Optional[int] = 1
+    val_check_interval: Any = None
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    log_every_n_steps: int = 20
+    num_sanity_val_steps: int = 0
+    deterministic: Any = False
+    benchmark: Optional[bool] = None
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    """``metrics.csv`` is always written; TensorBoard events optionally."""
+
+    tensorboard: bool = False
+
+
+@dataclass
+class CallbacksConfig:
+    """Checkpointing (best on ``monitor`` and last), early stopping, the per-epoch summary."""
+
+    monitor: str = "val/acc"
+    mode: str = "max"
+    save_top_k: int = 1
+    save_last: bool = True
+    early_stopping_patience: Optional[int] = None  # epochs without improvement; None disables
+    epoch_summary: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The whole run. ``model`` holds ``name`` plus constructor overrides of that model."""
+
+    model: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    seed: int = 42
+    train: bool = True
+    test: bool = True
+    ckpt_path: Optional[str] = None
+    output_dir: Optional[str] = None  # None: Hydra's run directory, or ./outputs/run outside Hydra
+
+
+def register_configs() -> None:
+    """Make the schema known to Hydra; ``conf/train.yaml`` lists it first in its defaults."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+# -- the model node ---------------------------------------------------------------------------------
+
+# Arguments a model config leaves to the data: null means "take it from the dataset".
+DATA_DERIVED = ("num_classes",)
+
+
+def model_kwargs(model_cfg: DictConfig | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Split a model node into the registered name and checked constructor keywords.
+
+    Raises ValueError naming an unknown model, an unknown key or a value whose type
+    does not match the argument's default.
+    """
+    cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    if "name" not in cfg:
+        raise ValueError(f"the model config needs a 'name' (one of {', '.join(list_models())})")
+    name = cfg.pop("name")
+    spec = get_model_spec(name)
+    accepted = spec.arguments()
+    unknown = sorted(set(cfg) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {name!r} has no argument(s) {', '.join(map(repr, unknown))}; "
+                         f"valid: {', '.join(sorted(accepted))}")
+    for key, value in cfg.items():
+        default = accepted[key]
+        if value is None or default is None:
+            continue
+        if not _same_kind(value, default):
+            raise ValueError(f"model.{key} must be {type(default).__name__} like its default {default!r}, "
+                             f"got {value!r} ({type(value).__name__})")
+    return name, cfg
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether a config value may replace a constructor default (ints pass for floats, and
+    image or patch sizes may be an int or an (H, W) pair)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (int, list, tuple)):
+        return isinstance(value, (int, list, tuple))
+    return isinstance(value, type(default))
+
+
+def model_config_yaml(name: str) -> str:
+    """The text of ``conf/model/<name>.yaml``: every constructor argument with the variant's value."""
+    spec = get_model_spec(name)
+    values = {"name": name}
+    for key, value in spec.arguments().items():
+        values[key] = None if key in DATA_DERIVED else (list(value) if isinstance(value, tuple) else value)
+    header = (f"# {name}: {spec.description}\n"
+              f"# Generated from the registry by `python -m vit.config`; every key is a constructor argument.\n"
+              f"# num_classes: null takes the number of classes from the dataset.\n")
+    return header + yaml.safe_dump(values, sort_keys=False)
+
+
+def write_model_configs(conf_dir: Path) -> list[Path]:
+    """(Re)write one model config per registered model."""
+    (conf_dir / "model").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in list_models():
+        path = conf_dir / "model" / f"{name}.yaml"
+        path.write_text(model_config_yaml(name))
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for written in write_model_configs(Path(__file__).resolve().parents[1] / "conf"):
+        print(written)

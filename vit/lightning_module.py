@@ -1,0 +1,170 @@
+"""``ImageClassifier``: trains any registered model on (images, labels) batches.
+
+It owns the loss (cross-entropy with label smoothing, mixup/cutmix), the optimizer
+(AdamW without weight decay on norms, biases, class token and position embeddings),
+the learning-rate schedule (linear warm-up, cosine decay, per optimizer step) and
+the accuracy metrics. Everything needed to rebuild the model is stored in the
+checkpoint as plain data, so it loads with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from vit.model import count_parameters
+from vit.registry import create_model
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; training cannot continue meaningfully."""
+
+
+def split_weight_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decayed, not decayed): weight decay is meant for the weight matrices and kernels;
+    shrinking norm gains, biases, class token or position embeddings only hurts."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return decay, no_decay
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: 0 -> 1 linearly over ``warmup_steps``, then cosine to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ImageClassifier(L.LightningModule):
+    """Wraps ``create_model(model_name, **model_kwargs)`` for training and evaluation.
+
+    Args:
+        model_name, model_kwargs: the registered model and its constructor arguments.
+        optim: OptimConfig fields as a dict; loss: LossConfig fields as a dict.
+        class_names, mean, std: the dataset's, kept so that a checkpoint can classify raw images.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        model_kwargs: dict[str, Any],
+        optim: dict[str, Any],
+        loss: dict[str, Any],
+        class_names: list[str],
+        mean: list[float],
+        std: list[float],
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = create_model(model_name, **model_kwargs)
+        self.num_classes = len(class_names)
+        self.mixup = self._build_mixup(loss, self.num_classes)
+
+        def metrics(prefix: str) -> MetricCollection:
+            acc = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
+            if self.num_classes > 5:
+                acc["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
+            return MetricCollection(acc, prefix=prefix)
+
+        self.train_metrics, self.val_metrics, self.test_metrics = metrics("train/"), metrics("val/"), metrics("test/")
+        self.test_confusion = MulticlassConfusionMatrix(self.num_classes)
+
+    @staticmethod
+    def _build_mixup(loss: dict[str, Any], num_classes: int):
+        if loss.get("mixup_alpha", 0) <= 0 and loss.get("cutmix_alpha", 0) <= 0:
+            return None
+        from timm.data import Mixup
+
+        return Mixup(mixup_alpha=loss.get("mixup_alpha", 0.0), cutmix_alpha=loss.get("cutmix_alpha", 0.0),
+                     prob=loss.get("mix_prob", 1.0), label_smoothing=loss.get("label_smoothing", 0.0),
+                     num_classes=num_classes)
+
+    @property
+    def num_parameters(self) -> int:
+        return count_parameters(self.model)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, C, H, W) -> logits (B, num_classes)."""
+        return self.model(images)
+
+    # -- steps --------------------------------------------------------------------------------------
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        if self.mixup is not None and images.shape[0] % 2 == 0:  # timm's Mixup pairs samples up
+            mixed, soft_targets = self.mixup(images, labels)
+            logits = self(mixed)
+            loss = torch.sum(-soft_targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = self(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.loss.get("label_smoothing", 0.0))
+        if not torch.isfinite(loss):
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at global step {self.global_step} (learning rate {lr:.3g}); "
+                f"lower optim.lr, keep trainer.gradient_clip_val set, or use trainer.precision=32-true")
+        self.train_metrics.update(logits.detach(), labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(logits, labels)
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(labels), sync_dist=True)
+        self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val", batch_size=len(labels))
+        return logits
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        logits = self._evaluate(batch, "test")
+        self.test_confusion.update(logits, batch[1])
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=-1)
+
+    # -- optimisation -------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.hparams.optim
+        decay, no_decay = split_weight_decay(self.model)
+        groups = [{"params": decay, "weight_decay": optim["weight_decay"]},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if optim["name"] == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]))
+        elif optim["name"] == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=optim["lr"], momentum=optim["momentum"], nesterov=True)
+        else:
+            raise ValueError(f"unknown optimizer {optim['name']!r}; expected 'adamw' or 'sgd'")
+
+        if optim["scheduler"] == "constant":
+            return {"optimizer": optimizer}
+        if optim["scheduler"] != "cosine":
+            raise ValueError(f"unknown scheduler {optim['scheduler']!r}; expected 'cosine' or 'constant'")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if optim.get("warmup_steps") is not None:
+            warmup = optim["warmup_steps"]
+        else:  # estimated_stepping_batches has sized the train loader by now
+            steps_per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+            warmup = int(round(optim["warmup_epochs"] * steps_per_epoch))
+        warmup = max(1, min(warmup, total))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, optim["min_lr_ratio"]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,189 @@
+"""One training run from a composed config: build, fit, test, and leave results behind.
+
+``train.py`` hands Hydra's config to :func:`run`; tests call it directly. The run
+directory receives ``checkpoints/``, ``metrics.csv``, ``results.json``, curves and
+the confusion matrix. Only global rank zero writes files other than checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from vit.callbacks import EpochSummary, TrainingClock
+from vit.config import TrainConfig, TrainerConfig, model_kwargs
+from vit.data import DataConfig, build_datamodule
+from vit.errors import CheckpointError, ConfigError
+from vit.lightning_module import ImageClassifier
+from vit.reports import plot_confusion_matrix, plot_curves, write_results
+
+log = logging.getLogger(__name__)
+
+
+def _as_schema(cfg: DictConfig | dict[str, Any]) -> DictConfig:
+    """Merge onto the typed schema so that runs outside Hydra are validated the same way."""
+    schema = OmegaConf.structured(TrainConfig)
+    return OmegaConf.merge(schema, cfg)
+
+
+def match_model_to_data(name: str, kwargs: dict[str, Any], dataset: str, dm: Any) -> dict[str, Any]:
+    """Fill ``num_classes`` from the dataset and refuse a model that cannot read its images."""
+    kwargs = dict(kwargs)
+    if "num_classes" in kwargs:
+        if kwargs["num_classes"] is None:
+            kwargs["num_classes"] = dm.num_classes
+        elif kwargs["num_classes"] != dm.num_classes:
+            raise ConfigError(f"model.num_classes={kwargs['num_classes']} but dataset {dataset!r} has "
+                              f"{dm.num_classes} classes; set model.num_classes={dm.num_classes} (or null)")
+    if kwargs.get("in_chans", dm.in_chans) != dm.in_chans:
+        raise ConfigError(f"model {name!r} expects in_chans={kwargs['in_chans']} but dataset {dataset!r} has "
+                          f"{dm.in_chans}-channel images; set model.in_chans={dm.in_chans}")
+    return kwargs
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock) -> L.Trainer:
+    trainer_args = asdict(OmegaConf.to_object(cfg.trainer))
+    # A redrawn bar fills log files with thousands of lines; the epoch summary is readable there.
+    trainer_args["enable_progress_bar"] &= sys.stdout.isatty()
+    callbacks: list[L.Callback] = [
+        clock,
+        ModelCheckpoint(dirpath=output_dir / "checkpoints", monitor=cfg.callbacks.monitor, mode=cfg.callbacks.mode,
+                        save_top_k=cfg.callbacks.save_top_k, save_last=cfg.callbacks.save_last,
+                        filename="epoch{epoch:03d}-step{step}", auto_insert_metric_name=False),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    if cfg.callbacks.epoch_summary:
+        callbacks.append(EpochSummary(clock))
+    if cfg.callbacks.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(cfg.callbacks.monitor, mode=cfg.callbacks.mode,
+                                       patience=cfg.callbacks.early_stopping_patience))
+    loggers: list[Any] = [CSVLogger(save_dir=output_dir, name="", version="")]
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=output_dir, name="tensorboard", version=""))
+    return L.Trainer(**trainer_args, default_root_dir=output_dir, logger=loggers, callbacks=callbacks)
+
+
+def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
+    """Rebuild the classifier from a checkpoint without unpickling arbitrary objects."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path.resolve()}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a checkpoint, or holds objects other than tensors
+        raise CheckpointError(f"cannot load checkpoint {path}: {error}") from error
+    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a checkpoint written by vit's training (no hyper_parameters "
+                              f"or state_dict entry)")
+    module = ImageClassifier(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    return module
+
+
+def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Train and/or test as ``cfg`` says; returns what is written to ``results.json``."""
+    cfg = _as_schema(cfg)
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else _hydra_output_dir()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    try:
+        name, kwargs = model_kwargs(cfg.model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    data_cfg: DataConfig = OmegaConf.to_object(cfg.data)
+    if data_cfg.img_size is None and "img_size" in kwargs:
+        size = kwargs["img_size"]
+        data_cfg.img_size = size if isinstance(size, int) else int(size[0])
+    dm = build_datamodule(data_cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    kwargs = match_model_to_data(name, kwargs, data_cfg.name, dm)
+
+    if cfg.train:
+        try:
+            module = ImageClassifier(name, kwargs, optim=OmegaConf.to_container(cfg.optim),
+                                     loss=OmegaConf.to_container(cfg.loss), class_names=list(dm.class_names),
+                                     mean=list(dm.mean), std=list(dm.std))
+        except ValueError as error:  # the model refused its arguments, and said which
+            raise ConfigError(f"model {name!r}: {error}") from error
+    else:
+        if not cfg.ckpt_path:
+            raise ConfigError("train=false needs ckpt_path=PATH to a checkpoint to test")
+        module = load_classifier(cfg.ckpt_path)
+
+    clock = TrainingClock()
+    trainer = build_trainer(cfg, output_dir, clock)
+    log.info("model %s: %s parameters; data %s: %d training images; output %s",
+             name, f"{module.num_parameters:,}", data_cfg.name, dm.num_train_samples, output_dir)
+
+    if cfg.train:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    test_metrics: dict[str, float] = {}
+    if cfg.test:
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if cfg.train and checkpoint and checkpoint.best_model_path else None
+        test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+
+    results = _results(cfg, name, module, dm, trainer, clock, test_metrics)
+    if trainer.is_global_zero:
+        _write_outputs(output_dir, module, dm, results, tested=bool(cfg.test))
+        log.info("test accuracy %s | results in %s", _fmt(results.get("test_acc")), output_dir / "results.json")
+    return results
+
+
+def _results(cfg: DictConfig, name: str, module: ImageClassifier, dm: Any, trainer: L.Trainer,
+             clock: TrainingClock, test_metrics: dict[str, float]) -> dict[str, Any]:
+    checkpoint = trainer.checkpoint_callback
+    best_val = checkpoint.best_model_score if checkpoint is not None else None
+    world = trainer.world_size
+    return {
+        "model": name,
+        "dataset": cfg.data.name,
+        "params": module.num_parameters,
+        "epochs": trainer.current_epoch if cfg.train else 0,
+        "global_step": trainer.global_step,
+        "train_time_s": round(clock.train_time_s, 3),
+        # every rank processed as many images as rank zero, concurrently
+        "train_images_per_s": round(clock.images_per_s * world, 2),
+        "val_acc": float(best_val) if best_val is not None else None,
+        "test_acc": test_metrics.get("test/acc"),
+        "test_acc_top5": test_metrics.get("test/acc_top5"),
+        "test_loss": test_metrics.get("test/loss"),
+        "best_checkpoint": checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None,
+        "batch_size": cfg.data.batch_size,
+        "precision": str(cfg.trainer.precision),
+        "world_size": world,
+        "seed": cfg.seed,
+        "model_config": module.hparams.model_kwargs,
+    }
+
+
+def _write_outputs(output_dir: Path, module: ImageClassifier, dm: Any, results: dict[str, Any], tested: bool) -> None:
+    write_results(output_dir / "results.json", results)
+    metrics_csv = output_dir / "metrics.csv"
+    if metrics_csv.exists():
+        plot_curves(metrics_csv, output_dir)
+    if tested:
+        matrix = module.test_confusion.compute().cpu().numpy()
+        plot_confusion_matrix(matrix, dm.class_names, output_dir / "confusion_matrix.png")
+
+
+def _hydra_output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs") / "run"
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "n/a"
