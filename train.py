@@ -2,7 +2,6 @@
 
 A thin Hydra entry point; the run itself is ``vit.training.run``. See README.md.
 """
-import logging
 import sys
 
 import hydra
@@ -20,7 +19,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except UserError as error:  # the message names the bad value; a traceback would only hide it
-        logging.getLogger("train").error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     return results.get("test_acc")  # lets sweepers optimise on it
 

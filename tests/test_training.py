@@ -132,6 +132,55 @@ def test_resume_continues_at_the_right_epoch_step_and_learning_rate(tmp_path):
     assert lr_per_epoch(tmp_path / "resumed") == pytest.approx(lr_per_epoch(tmp_path / "straight")[-2:])
 
 
+def test_same_seed_same_run_on_cpu(tmp_path):
+    first = run(compose_train(*quick(tmp_path / "a", "model=cnn_mnist")))
+    second = run(compose_train(*quick(tmp_path / "b", "model=cnn_mnist")))
+    assert (first["val_acc"], first["test_acc"], first["test_loss"]) == \
+        (second["val_acc"], second["test_acc"], second["test_loss"])
+    weights = [torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+               for d in ("a", "b")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("extra", [
+    ("loss.mixup_alpha=0.2", "loss.cutmix_alpha=1.0", "loss.label_smoothing=0.1"),
+    ("trainer.precision=bf16-mixed",),
+    ("trainer.precision=16-mixed",),
+    ("data.randaugment_ops=2", "optim=sgd", "logger=tensorboard"),
+], ids=["mixup_cutmix_smoothing", "bf16", "fp16", "randaugment_sgd_tensorboard"])
+def test_training_options_run_and_learn(tmp_path, extra):
+    results = run(compose_train(*quick(tmp_path, "model=vit_mnist", "model.depth=2", *extra)))
+    assert results["global_step"] == 4 and 0.0 <= results["test_acc"] <= 1.0
+    assert results["test_loss"] is not None and results["test_loss"] < 5
+    if "logger=tensorboard" in extra:
+        assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_warmup_then_cosine_schedule():
+    from vit.lightning_module import warmup_cosine
+
+    values = [warmup_cosine(step, 10, 110, 0.01) for step in range(110)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[9:], values[10:]))  # never rises after warm-up
+    assert values[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_no_weight_decay_on_norms_biases_tokens_and_positions():
+    import vit
+    from vit.lightning_module import split_weight_decay
+
+    model = vit.create_model("vit_mnist", depth=1)
+    decay, no_decay = split_weight_decay(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay} == {
+        "cls_token", "pos_embed", "patch_embed.proj.bias", "blocks.0.norm1.weight", "blocks.0.norm1.bias",
+        "blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias", "blocks.0.norm2.weight", "blocks.0.norm2.bias",
+        "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.bias", "norm.weight", "norm.bias", "head.bias"}
+    assert {names[id(p)] for p in decay} == {
+        "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+        "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "head.weight"}
+
+
 @pytest.mark.slow
 def test_short_fit_on_real_mnist_beats_chance_by_far(tmp_path, datasets_root):
     results = run(compose_train(

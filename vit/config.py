@@ -24,7 +24,7 @@ class OptimConfig:
     """AdamW (or SGD) with linear warm-up then cosine decay, stepped every optimizer step."""
 
     name: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9  # sgd only

@@ -18,11 +18,12 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from vit.errors import UserError
 from vit.model import count_parameters
 from vit.registry import create_model
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or Inf; training cannot continue meaningfully."""
 
 

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from vit.callbacks import EpochSummary, TrainingClock
 from vit.config import TrainConfig, TrainerConfig, model_kwargs
 from vit.data import DataConfig, build_datamodule
-from vit.errors import CheckpointError, ConfigError
+from vit.checkpoints import AtomicCheckpointIO, check_compatible, load_checkpoint, resolve_ckpt_path
+from vit.errors import ConfigError
 from vit.lightning_module import ImageClassifier
 from vit.reports import plot_confusion_matrix, plot_curves, write_results
 
@@ -68,21 +69,16 @@ def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock) -> L.
     loggers: list[Any] = [CSVLogger(save_dir=output_dir, name="", version="")]
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=output_dir, name="tensorboard", version=""))
-    return L.Trainer(**trainer_args, default_root_dir=output_dir, logger=loggers, callbacks=callbacks)
+    return L.Trainer(**trainer_args, default_root_dir=output_dir, logger=loggers, callbacks=callbacks,
+                     plugins=[AtomicCheckpointIO()])
 
 
 def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
     """Rebuild the classifier from a checkpoint without unpickling arbitrary objects."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path.resolve()}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a checkpoint, or holds objects other than tensors
-        raise CheckpointError(f"cannot load checkpoint {path}: {error}") from error
-    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is not a checkpoint written by vit's training (no hyper_parameters "
-                              f"or state_dict entry)")
+    return classifier_from_checkpoint(load_checkpoint(Path(ckpt_path)))
+
+
+def classifier_from_checkpoint(checkpoint: dict[str, Any]) -> ImageClassifier:
     module = ImageClassifier(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     return module
@@ -103,11 +99,18 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if data_cfg.img_size is None and "img_size" in kwargs:
         size = kwargs["img_size"]
         data_cfg.img_size = size if isinstance(size, int) else int(size[0])
-    dm = build_datamodule(data_cfg)
-    dm.prepare_data()
-    dm.setup("fit")
+    try:
+        dm = build_datamodule(data_cfg)
+        dm.prepare_data()
+        dm.setup("fit")
+    except ValueError as error:  # the data module names the bad setting
+        raise ConfigError(str(error)) from error
     kwargs = match_model_to_data(name, kwargs, data_cfg.name, dm)
 
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    # Read once here so that an unsafe file or one made for another model stops the run
+    # before training, with a message; Lightning reads it again to restore the full state.
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     if cfg.train:
         try:
             module = ImageClassifier(name, kwargs, optim=OmegaConf.to_container(cfg.optim),
@@ -115,10 +118,13 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                                      mean=list(dm.mean), std=list(dm.std))
         except ValueError as error:  # the model refused its arguments, and said which
             raise ConfigError(f"model {name!r}: {error}") from error
+        if checkpoint is not None:
+            check_compatible(checkpoint["state_dict"], module, ckpt_path)
     else:
-        if not cfg.ckpt_path:
+        if checkpoint is None:
             raise ConfigError("train=false needs ckpt_path=PATH to a checkpoint to test")
-        module = load_classifier(cfg.ckpt_path)
+        module = classifier_from_checkpoint(checkpoint)
+    del checkpoint
 
     clock = TrainingClock()
     trainer = build_trainer(cfg, output_dir, clock)
@@ -126,12 +132,12 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
              name, f"{module.num_parameters:,}", data_cfg.name, dm.num_train_samples, output_dir)
 
     if cfg.train:
-        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
     test_metrics: dict[str, float] = {}
     if cfg.test:
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if cfg.train and checkpoint and checkpoint.best_model_path else None
-        test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+        ckpt_callback = trainer.checkpoint_callback
+        best = ckpt_callback.best_model_path if cfg.train and ckpt_callback and ckpt_callback.best_model_path else None
+        test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
 
     results = _results(cfg, name, module, dm, trainer, clock, test_metrics)
     if trainer.is_global_zero:
@@ -142,8 +148,8 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
 def _results(cfg: DictConfig, name: str, module: ImageClassifier, dm: Any, trainer: L.Trainer,
              clock: TrainingClock, test_metrics: dict[str, float]) -> dict[str, Any]:
-    checkpoint = trainer.checkpoint_callback
-    best_val = checkpoint.best_model_score if checkpoint is not None else None
+    ckpt_callback = trainer.checkpoint_callback
+    best_val = ckpt_callback.best_model_score if ckpt_callback is not None else None
     world = trainer.world_size
     return {
         "model": name,
@@ -158,7 +164,9 @@ def _results(cfg: DictConfig, name: str, module: ImageClassifier, dm: Any, train
         "test_acc": test_metrics.get("test/acc"),
         "test_acc_top5": test_metrics.get("test/acc_top5"),
         "test_loss": test_metrics.get("test/loss"),
-        "best_checkpoint": checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None,
+        "best_checkpoint": (ckpt_callback.best_model_path or None) if ckpt_callback is not None else None,
+        "skipped_files": list(dm.skipped_files),
+        "skipped_count": len(dm.skipped_files),
         "batch_size": cfg.data.batch_size,
         "precision": str(cfg.trainer.precision),
         "world_size": world,

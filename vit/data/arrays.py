@@ -12,7 +12,7 @@ derived from it.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,12 @@ class BatchTransform:
     ``crop_padding`` on every side, and a horizontal flip of each image with probability 1/2.
     Both happen in one gather on the uint8 batch, before the (4x larger) float conversion.
     ``out_size`` resizes the normalised batch with antialiased bilinear interpolation.
+    ``randaugment`` (e.g. torchvision's ``v2.RandAugment``) is applied to each uint8 image.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], *, crop_padding: int = 0,
-                 flip: bool = False, out_size: Optional[int] = None) -> None:
+                 flip: bool = False, out_size: Optional[int] = None,
+                 randaugment: Optional[Callable[[Tensor], Tensor]] = None) -> None:
         if len(mean) != len(std):
             raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)}")
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -40,6 +42,7 @@ class BatchTransform:
         self.crop_padding = crop_padding
         self.flip = flip
         self.out_size = out_size
+        self.randaugment = randaugment
 
     @property
     def augments(self) -> bool:
@@ -52,6 +55,8 @@ class BatchTransform:
             raise ValueError(f"expected {self.scale.shape[1]} channels, got {images.shape[1]}")
         if self.augments:
             images = self._crop_and_flip(images)
+        if self.randaugment is not None:  # torchvision draws one op set per call, so per image
+            images = torch.stack([self.randaugment(image) for image in images])
         x = images.float().mul_(self.scale).add_(self.shift)
         if self.out_size is not None and tuple(x.shape[-2:]) != (self.out_size, self.out_size):
             x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear",

@@ -43,6 +43,9 @@ class DataConfig:
     img_size: side of the square images the model sees (None: the dataset's native size; 224
         for imagefolder). In-memory datasets are resized on the batch when it differs.
     augment: train-time augmentation (random crop + flip; no flip for digits).
+    randaugment_ops, randaugment_magnitude: torchvision's RandAugment on training images, this many
+        ops per image at this magnitude (0..30); 0 ops disables it. It works image by image, so
+        it costs far more than the batch crop and flip.
     classes: for cifar2, the CIFAR-10 class names to keep, in label order (empty: cat, dog).
     max_train_samples: keep a seeded random subset of this many training samples.
     bad_image_policy: for imagefolder, "skip" unreadable images (listed in
@@ -64,6 +67,8 @@ class DataConfig:
     split_seed: int = 0
     img_size: Optional[int] = None
     augment: bool = True
+    randaugment_ops: int = 0
+    randaugment_magnitude: int = 9
     classes: list[str] = field(default_factory=list)
     max_train_samples: Optional[int] = None
     bad_image_policy: str = "skip"

@@ -27,7 +27,8 @@ from vit.data.arrays import BatchTransform, TensorImageDataset, passthrough_coll
 from vit.data.config import DataConfig, resolve_config
 from vit.data.embedded import load_mnist5k
 from vit.data.errors import DatasetNotFoundError
-from vit.data.folder import ImageFileDataset, check_images, eval_transform, find_classes, list_samples, train_transform
+from vit.data.folder import (ImageFileDataset, check_images, eval_transform, find_classes, list_samples, randaugment,
+                             train_transform)
 from vit.data.sources import ArraySplits, load_cifar, load_mnist_family
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class ArrayDataModule(VisionDataModule):
         eval_tf = BatchTransform(self.mean, self.std, out_size=cfg.img_size)
         train_tf = BatchTransform(self.mean, self.std, out_size=cfg.img_size,
                                   crop_padding=self.spec.crop_padding if cfg.augment else 0,
-                                  flip=self.spec.flip and cfg.augment)
+                                  flip=self.spec.flip and cfg.augment, randaugment=randaugment(cfg))
         self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], train_tf)
         self.val_set = TensorImageDataset(*val, eval_tf)
         self.test_set = TensorImageDataset(*data.test, eval_tf)
@@ -236,7 +237,7 @@ class ImageFolderDataModule(VisionDataModule):
         val = samples["val"] if "val" in samples else [train[i] for i in val_idx]
         side = self.img_size[0]
         eval_tf = eval_transform(side, self.mean, self.std)
-        train_tf = train_transform(side, self.mean, self.std) if cfg.augment else eval_tf
+        train_tf = train_transform(side, self.mean, self.std, randaugment(cfg)) if cfg.augment else eval_tf
         self.train_set = ImageFileDataset([train[i] for i in train_idx], train_tf, side)
         self.val_set = ImageFileDataset(val, eval_tf, side)
         self.test_set = ImageFileDataset(samples["test"], eval_tf, side) if "test" in samples else self.val_set

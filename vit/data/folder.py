@@ -17,7 +17,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    from vit.data.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +125,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Image.Image], Tensor]:
-    """RandomResizedCrop(scale 0.35..1) + horizontal flip, then float (3, S, S) normalised."""
+def randaugment(cfg: "DataConfig") -> Optional[v2.RandAugment]:
+    """torchvision's RandAugment as configured, or None when ``randaugment_ops`` is 0."""
+    if cfg.randaugment_ops <= 0:
+        return None
+    return v2.RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
+
+
+def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
+                    randaugment: Optional[Callable] = None) -> Callable[[Image.Image], Tensor]:
+    """RandomResizedCrop(scale 0.35..1) + horizontal flip (+ RandAugment), then float (3, S, S) normalised."""
     return v2.Compose([
         v2.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
+        *([randaugment] if randaugment is not None else []),
         *_to_normalised_tensor(mean, std),
     ])
 
