@@ -1,11 +1,13 @@
-"""Callbacks that make a run readable and measurable: a one-line summary per epoch
-and a clock that counts training time and images (validation excluded)."""
+"""Callbacks that make a run readable and measurable: a one-line summary per epoch,
+a clock that counts training time and images (validation excluded), and an optional
+test-accuracy curve."""
 from __future__ import annotations
 
 import time
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -73,3 +75,29 @@ class EpochSummary(L.Callback):
             f"val loss {fmt('val/loss', '.4f')} acc {fmt('val/acc', '.4f')} | "
             f"lr {lr:.2e} | {self.clock.epoch_time_s:.1f} s"
         )
+
+
+class TestCurve(L.Callback):
+    """Test accuracy after every training epoch, for accuracy-against-epoch and
+    accuracy-against-time plots: logs ``curve/test_acc`` and ``curve/train_time_s``.
+
+    The final ``test/acc`` of a run still comes from Lightning's test loop on the best
+    checkpoint; this is the learning curve on the same test set.
+    """
+
+    def __init__(self, clock: TrainingClock, test_loader_factory) -> None:
+        self.clock = clock
+        self.test_loader_factory = test_loader_factory
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        was_training = pl_module.training
+        pl_module.eval()
+        correct = seen = 0
+        with torch.inference_mode():
+            for images, labels in self.test_loader_factory():
+                images, labels = images.to(pl_module.device), labels.to(pl_module.device)
+                correct += int((pl_module(images).argmax(dim=-1) == labels).sum())
+                seen += len(labels)
+        pl_module.train(was_training)
+        pl_module.log("curve/test_acc", correct / max(seen, 1), on_epoch=True)
+        pl_module.log("curve/train_time_s", self.clock.train_time_s, on_epoch=True)

@@ -71,6 +71,24 @@ class TrainerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How ``trainer.strategy: ddp`` and ``fsdp`` are built (see ``vit/distributed.py``).
+
+    Other strategy names go to Lightning unchanged and ignore these fields.
+    """
+
+    # A collective that waits longer than this (a rank hung or died unnoticed) fails the job,
+    # instead of torch's default 30 minutes. Raise it if a rank legitimately waits long, e.g.
+    # while rank zero writes a huge checkpoint.
+    timeout_s: float = 600.0
+    backend: Optional[str] = None  # None: Lightning's choice (nccl on GPUs, gloo on CPU)
+    find_unused_parameters: bool = False  # DDP: for models whose parameters do not all get gradients
+    sharding_strategy: str = "FULL_SHARD"  # FSDP: FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD
+    # FSDP: recompute each transformer Block's activations in the backward pass (less memory, ~1/3 more compute).
+    activation_checkpointing: bool = False
+
+
+@dataclass
 class LoggerConfig:
     """``metrics.csv`` is always written; TensorBoard events optionally."""
 
@@ -87,6 +105,7 @@ class CallbacksConfig:
     save_last: bool = True
     early_stopping_patience: Optional[int] = None  # epochs without improvement; None disables
     epoch_summary: bool = True
+    test_curve: bool = False  # test accuracy after every epoch (for comparison plots)
 
 
 @dataclass
@@ -100,6 +119,9 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # torch.compile the LightningModule for training (Lightning unwraps it: checkpoint keys stay plain).
+    compile: bool = False
     seed: int = 42
     train: bool = True
     test: bool = True

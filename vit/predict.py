@@ -13,8 +13,10 @@ from vit.lightning_module import ImageClassifier
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
-def expand_image_paths(items: Sequence[str | Path]) -> list[Path]:
+def expand_image_paths(items: str | Path | Sequence[str | Path]) -> list[Path]:
     """Files as given, folders replaced by the image files directly inside them (sorted)."""
+    if isinstance(items, (str, Path)):  # images=a.png on the command line arrives as one string
+        items = [items]
     paths: list[Path] = []
     for item in items:
         path = Path(item)

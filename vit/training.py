@@ -7,7 +7,9 @@ the confusion matrix. Only global rank zero writes files other than checkpoints.
 from __future__ import annotations
 
 import logging
+import resource
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,13 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
-from vit.callbacks import EpochSummary, TrainingClock
+from vit.callbacks import EpochSummary, TestCurve, TrainingClock
 from vit.config import TrainConfig, TrainerConfig, model_kwargs
 from vit.data import DataConfig, build_datamodule
+from vit.distributed import (SameRunDirectory, build_strategy, devices_per_node, keep_file_logs_on_rank_zero,
+                             per_device_batch_size)
 from vit.checkpoints import AtomicCheckpointIO, check_compatible, load_checkpoint, resolve_ckpt_path
 from vit.errors import ConfigError
 from vit.lightning_module import ImageClassifier
@@ -50,17 +55,21 @@ def match_model_to_data(name: str, kwargs: dict[str, Any], dataset: str, dm: Any
     return kwargs
 
 
-def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock) -> L.Trainer:
+def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock, dm: Any) -> L.Trainer:
     trainer_args = asdict(OmegaConf.to_object(cfg.trainer))
     # A redrawn bar fills log files with thousands of lines; the epoch summary is readable there.
     trainer_args["enable_progress_bar"] &= sys.stdout.isatty()
+    trainer_args["strategy"] = build_strategy(cfg.trainer.strategy, cfg.trainer.accelerator, cfg.distributed)
     callbacks: list[L.Callback] = [
         clock,
         ModelCheckpoint(dirpath=output_dir / "checkpoints", monitor=cfg.callbacks.monitor, mode=cfg.callbacks.mode,
                         save_top_k=cfg.callbacks.save_top_k, save_last=cfg.callbacks.save_last,
                         filename="epoch{epoch:03d}-step{step}", auto_insert_metric_name=False),
         LearningRateMonitor(logging_interval="epoch"),
+        SameRunDirectory(output_dir),
     ]
+    if cfg.callbacks.test_curve:
+        callbacks.append(TestCurve(clock, dm.test_dataloader))
     if cfg.callbacks.epoch_summary:
         callbacks.append(EpochSummary(clock))
     if cfg.callbacks.early_stopping_patience is not None:
@@ -89,6 +98,7 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     cfg = _as_schema(cfg)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else _hydra_output_dir()
     output_dir.mkdir(parents=True, exist_ok=True)
+    keep_file_logs_on_rank_zero()
     L.seed_everything(cfg.seed, workers=True)
 
     try:
@@ -99,6 +109,10 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if data_cfg.img_size is None and "img_size" in kwargs:
         size = kwargs["img_size"]
         data_cfg.img_size = size if isinstance(size, int) else int(size[0])
+    if data_cfg.global_batch_size is not None:  # the per-device batch follows from the number of devices
+        data_cfg.batch_size = cfg.data.batch_size = per_device_batch_size(
+            data_cfg.global_batch_size, devices_per_node(cfg.trainer.accelerator, cfg.trainer.devices),
+            cfg.trainer.num_nodes, cfg.trainer.accumulate_grad_batches)
     try:
         dm = build_datamodule(data_cfg)
         dm.prepare_data()
@@ -127,12 +141,14 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     del checkpoint
 
     clock = TrainingClock()
-    trainer = build_trainer(cfg, output_dir, clock)
+    trainer = build_trainer(cfg, output_dir, clock, dm)
     log.info("model %s: %s parameters; data %s: %d training images; output %s",
              name, f"{module.num_parameters:,}", data_cfg.name, dm.num_train_samples, output_dir)
 
     if cfg.train:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
+        # Lightning unwraps a compiled module (its steps stay compiled), so checkpoints keep plain keys.
+        fit_module = torch.compile(module) if cfg.compile else module
+        trainer.fit(fit_module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
     test_metrics: dict[str, float] = {}
     if cfg.test:
         ckpt_callback = trainer.checkpoint_callback
@@ -140,6 +156,9 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
 
     results = _results(cfg, name, module, dm, trainer, clock, test_metrics)
+    results.update(measure_model(module.model, dm))
+    if cfg.test:  # gathers every rank's counts (a collective, so all ranks take part); rank zero reuses the cached value
+        module.test_confusion.compute()
     if trainer.is_global_zero:
         _write_outputs(output_dir, module, dm, results, tested=bool(cfg.test))
         log.info("test accuracy %s | results in %s", _fmt(results.get("test_acc")), output_dir / "results.json")
@@ -172,6 +191,33 @@ def _results(cfg: DictConfig, name: str, module: ImageClassifier, dm: Any, train
         "world_size": world,
         "seed": cfg.seed,
         "model_config": module.hparams.model_kwargs,
+    }
+
+
+def measure_model(model: torch.nn.Module, dm: Any, batch_size: int = 64, repeats: int = 3) -> dict[str, Any]:
+    """FLOPs per image (forward, counted by torch's FlopCounterMode), inference images/s
+    (median of a few timed forwards of one batch) and the process's peak memory."""
+    images = next(iter(dm.test_dataloader()))[0][:batch_size].to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            model(images[:1])
+        model(images)  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(images)
+            times.append(time.perf_counter() - started)
+    model.train(was_training)
+    if torch.cuda.is_available() and images.is_cuda:
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is in KiB on Linux: the peak resident memory of this process so far
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "flops_per_image": int(counter.get_total_flops()),
+        "inference_images_per_s": round(len(images) / sorted(times)[len(times) // 2], 1),
+        "peak_memory_mb": round(peak_mb, 1),
     }
 
 

@@ -1,0 +1,36 @@
+"""What a ViT attends to: ``python visualize.py ckpt_path=RUN/checkpoints/last.ckpt images=[a.png,b.jpg] out=DIR``
+writes ``DIR/<image stem>_attention.png`` per image: the class-token attention of every head at
+the chosen ``layers`` and the attention rollout, over the image. A thin Hydra entry point over
+``vit.attention_maps``."""
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, ListConfig
+
+from vit.attention_maps import write_attention_figures
+from vit.errors import UserError
+from vit.predict import expand_image_paths
+from vit.training import load_classifier
+
+
+def _as_list(value: Any) -> list:
+    """``images=a.png`` and ``layers=0`` mean one-element lists, not characters or an error."""
+    return list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="visualize")
+def main(cfg: DictConfig) -> None:
+    try:
+        module = load_classifier(cfg.ckpt_path)
+        written = write_attention_figures(module, expand_image_paths(_as_list(cfg.images)), cfg.out,
+                                          _as_list(cfg.layers), cfg.head_fusion, cfg.discard_ratio)
+    except (UserError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    for path in written:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Export a trained classifier for use outside this package.
+
+``python -m vit.export ckpt_path=RUN/checkpoints/last.ckpt format=onnx out=model.onnx``
+
+Formats (``format=``):
+
+* ``safetensors``: the model's tensors, and in the file's metadata (plain JSON strings) everything
+  needed to rebuild it: model name, constructor arguments, class names, the dataset's mean and
+  std. Nothing is pickled; :func:`load_weights` rebuilds the :class:`ImageClassifier`.
+* ``onnx``: a graph from float images in [0, 1] of shape ``(N, C, H, W)``, any ``N``, to logits
+  ``(N, num_classes)``; the dataset's normalisation is part of the graph (:class:`NormalizedClassifier`),
+  so a caller only scales pixels to [0, 1]. Opset 18. Two exporters work for every model here,
+  including the ViT's fused ``scaled_dot_product_attention`` path (checked under onnxruntime
+  against PyTorch to 1e-4 at batch sizes 1 and 7, see tests/test_export.py):
+
+  - ``exporter=dynamo`` (``torch.onnx.export(dynamo=True)``, built on ``torch.export``): PyTorch's
+    default and maintained exporter since 2.9; needs the ``onnxscript`` package. Preferred.
+  - ``exporter=torchscript`` (``dynamo=False``): deprecated by PyTorch and slated for removal,
+    kept as the fallback for when onnxscript is missing or the dynamo exporter fails.
+  - ``exporter=auto`` (default): dynamo, falling back to torchscript with a logged warning.
+
+* ``torchscript``: ``torch.jit.trace`` of the same normalising wrapper, dynamic batch. Works, but
+  PyTorch 2.14 deprecates ``torch.jit`` (FutureWarning); prefer ``export``.
+* ``export``: a ``torch.export`` ``ExportedProgram`` (``.pt2``) with a dynamic batch dimension;
+  load with ``torch.export.load(path).module()``.
+
+Every export is read back and compared with PyTorch on images of batch sizes 1 and 3
+(``verify=true``, the default); a file whose outputs differ by more than 1e-4 is deleted and
+reported as an error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from vit.errors import CheckpointError, UserError
+from vit.lightning_module import ImageClassifier
+
+log = logging.getLogger(__name__)
+
+Format = Literal["safetensors", "onnx", "torchscript", "export"]
+OnnxExporter = Literal["auto", "dynamo", "torchscript"]
+
+SUFFIXES: dict[str, str] = {"safetensors": ".safetensors", "onnx": ".onnx",
+                            "torchscript": ".torchscript.pt", "export": ".pt2"}
+ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")
+ONNX_OPSET = 18
+TOLERANCE = 1e-4
+# Protobuf cannot hold more than 2 GiB; above this the ONNX weights go to a side file.
+_ONNX_INLINE_LIMIT_BYTES = 1_800_000_000
+# Keys every weights file carries; values are JSON except model_name, a plain string.
+_REQUIRED_METADATA = ("model_name", "model_kwargs", "class_names", "mean", "std")
+
+
+class ExportError(UserError):
+    """An export that cannot be produced, or whose file does not reproduce the model."""
+
+
+class NormalizedClassifier(nn.Module):
+    """Images in [0, 1] ``(N, C, H, W)`` -> logits ``(N, num_classes)``.
+
+    Applies the dataset's normalisation ``(x - mean) / std``, the same as
+    :func:`vit.predict.predict_files`, then the model, so an exported graph needs no
+    preprocessing beyond scaling pixels to [0, 1].
+
+    Args:
+        model: the network, taking normalised images.
+        mean, std: per-channel statistics, length C.
+        input_shape: ``(C, H, W)`` the model expects.
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        if len(mean) != input_shape[0] or len(std) != input_shape[0]:
+            raise ValueError(f"mean {list(mean)} and std {list(std)} need one value per channel "
+                             f"({input_shape[0]})")
+        self.model = model
+        self.input_shape = tuple(input_shape)
+        # Buffers, not constants: they move with .to(device) and appear as initialisers in ONNX.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    @classmethod
+    def from_classifier(cls, module: ImageClassifier) -> "NormalizedClassifier":
+        """The classifier's network with the normalisation and input size stored in its hparams."""
+        hp = module.hparams
+        size = hp.model_kwargs.get("img_size", 224)
+        height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        in_chans = int(hp.model_kwargs.get("in_chans", 3))
+        return cls(module.model, hp.mean, hp.std, (in_chans, height, width))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` in [0, 1] -> the normalised input of the model, same shape."""
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(images))
+
+
+# -- safetensors --------------------------------------------------------------------------------------
+
+def save_weights(module_or_model: ImageClassifier | nn.Module, path: str | Path,
+                 config: Mapping[str, Any] | None = None) -> Path:
+    """Write the model's tensors and its configuration to a safetensors file (no pickle).
+
+    Args:
+        module_or_model: an :class:`ImageClassifier`, whose hparams supply the configuration, or
+            a bare model created by ``vit.create_model``, which then needs ``config``.
+        path: the file to write.
+        config: for a bare model: ``model_name``, ``model_kwargs``, ``class_names``, ``mean``,
+            ``std`` (and optionally ``optim``, ``loss``), as in ``ImageClassifier``'s arguments.
+
+    Returns:
+        ``path`` as a Path. The metadata holds ``model_name`` as a string and the other entries
+        as JSON, so any safetensors reader can recover the configuration.
+    """
+    from safetensors.torch import save_file
+
+    if isinstance(module_or_model, ImageClassifier):
+        if config is not None:
+            raise TypeError("config is taken from the ImageClassifier's hparams; pass a bare model to override it")
+        config = dict(module_or_model.hparams)
+        model = module_or_model.model
+    else:
+        if config is None or any(key not in config for key in _REQUIRED_METADATA):
+            raise TypeError(f"a bare model needs config with {', '.join(_REQUIRED_METADATA)}")
+        model = module_or_model
+    metadata = {"model_name": str(config["model_name"])}
+    for key in ("model_kwargs", "class_names", "mean", "std", "optim", "loss"):
+        if key in config:
+            metadata[key] = json.dumps(_plain(config[key]))
+    metadata["format"] = "pt"  # the safetensors convention for PyTorch-layout tensors
+    # safetensors stores each tensor's own bytes: detach, CPU, contiguous
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The configuration stored by :func:`save_weights`, decoded from JSON."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path.resolve()}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except Exception as error:  # not a safetensors file, or a truncated one
+        raise CheckpointError(f"cannot read {path} as safetensors: {error}") from error
+    missing = [key for key in _REQUIRED_METADATA if key not in raw]
+    if missing:
+        raise CheckpointError(f"{path} was not written by vit.export.save_weights: its metadata lacks "
+                              f"{', '.join(missing)}")
+    try:
+        return {key: value if key in ("model_name", "format") else json.loads(value) for key, value in raw.items()}
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({error})") from error
+
+
+def load_weights(path: str | Path) -> ImageClassifier:
+    """Rebuild the classifier written by :func:`save_weights`: ``vit.create_model(name, **kwargs)``
+    with the stored tensors, in eval mode. Files without optimiser or loss settings get the
+    training defaults for those, which only matter for further training."""
+    from safetensors.torch import load_file
+
+    from vit.checkpoints import check_compatible
+    from vit.config import LossConfig, OptimConfig
+
+    path = Path(path)
+    meta = read_metadata(path)
+    hparams = {key: meta[key] for key in _REQUIRED_METADATA}
+    hparams["optim"] = meta.get("optim", asdict(OptimConfig()))
+    hparams["loss"] = meta.get("loss", asdict(LossConfig()))
+    try:
+        module = ImageClassifier(**hparams)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: the stored configuration does not build a model: {error}") from error
+    tensors = load_file(str(path))
+    check_compatible(tensors, module.model, path)
+    module.model.load_state_dict(tensors)
+    return module.eval()
+
+
+def load_any(path: str | Path) -> ImageClassifier:
+    """A classifier from a training checkpoint (``.ckpt``) or a ``.safetensors`` weights file."""
+    from vit.training import load_classifier
+
+    path = Path(path)
+    return load_weights(path) if path.suffix == ".safetensors" else load_classifier(path)
+
+
+def _plain(value: Any) -> Any:
+    """Containers from hparams (OmegaConf, AttributeDict, tuples) as JSON-ready builtins."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# -- graph exports ------------------------------------------------------------------------------------
+
+def _example_input(wrapper: NormalizedClassifier, batch: int = 2) -> torch.Tensor:
+    # Batch 2, not 1: torch.export specialises a dimension of size 1 to a constant.
+    return torch.rand(batch, *wrapper.input_shape)
+
+
+@contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Silence TracerWarnings: they flag the models' input-shape checks, which compare the fixed
+    C, H, W with constants and are correct to freeze. Deprecation warnings still show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
+
+
+def export_onnx(module: ImageClassifier, path: str | Path, exporter: OnnxExporter = "auto",
+                opset: int = ONNX_OPSET) -> str:
+    """Write an ONNX graph: images ``(N, C, H, W)`` in [0, 1] -> logits ``(N, num_classes)``, N dynamic.
+
+    Input and output are named ``images`` and ``logits``. Returns the exporter that produced
+    the file, ``'dynamo'`` or ``'torchscript'`` (see the module docstring for the choice).
+    """
+    if exporter not in ONNX_EXPORTERS:
+        raise ExportError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
+    if opset < 17:
+        raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
+    wrapper = NormalizedClassifier.from_classifier(module).eval()
+    example = _example_input(wrapper)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = {"input_names": ["images"], "output_names": ["logits"], "opset_version": opset}
+    if exporter in ("auto", "dynamo"):
+        try:
+            large = sum(t.numel() * t.element_size() for t in wrapper.state_dict().values()) > _ONNX_INLINE_LIMIT_BYTES
+            torch.onnx.export(wrapper, (example,), str(path), dynamo=True, verbose=False,
+                              external_data=large, dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+            return "dynamo"
+        except Exception as error:  # onnxscript missing, or an operator dynamo cannot translate
+            if exporter == "dynamo":
+                raise ExportError(f"the dynamo ONNX exporter failed: {type(error).__name__}: {error}; "
+                                  f"try exporter=torchscript") from error
+            log.warning("dynamo ONNX exporter failed (%s: %s); using the TorchScript-based exporter",
+                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+    with _quiet_tracing():
+        torch.onnx.export(wrapper, (example,), str(path), dynamo=False,
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, **names)
+    return "torchscript"
+
+
+def export_torchscript(module: ImageClassifier, path: str | Path) -> Path:
+    """``torch.jit.trace`` of :class:`NormalizedClassifier`; load with ``torch.jit.load``."""
+    wrapper = NormalizedClassifier.from_classifier(module).eval()
+    with _quiet_tracing():
+        traced = torch.jit.trace(wrapper, (_example_input(wrapper),))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    traced.save(str(path))
+    return path
+
+
+def export_program(module: ImageClassifier, path: str | Path) -> Path:
+    """``torch.export`` of :class:`NormalizedClassifier` with a dynamic batch, saved as ``.pt2``."""
+    wrapper = NormalizedClassifier.from_classifier(module).eval()
+    program = torch.export.export(wrapper, (_example_input(wrapper),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(path))
+    return path
+
+
+# -- reading exports back -----------------------------------------------------------------------------
+
+def run_exported(fmt: Format, path: str | Path, images: torch.Tensor) -> torch.Tensor:
+    """Logits ``(N, num_classes)`` of an exported file for images ``(N, C, H, W)`` in [0, 1]."""
+    path = str(path)
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
+    with torch.no_grad():
+        if fmt == "safetensors":
+            return NormalizedClassifier.from_classifier(load_weights(path))(images)
+        if fmt == "torchscript":
+            return torch.jit.load(path)(images)
+        if fmt == "export":
+            return torch.export.load(path).module()(images)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def max_difference(fmt: Format, path: str | Path, module: ImageClassifier,
+                   batch_sizes: Sequence[int] = (1, 3), seed: int = 0) -> float:
+    """Largest |exported - PyTorch| logit over random images in [0, 1] of the given batch sizes.
+
+    Batch sizes other than the export's example batch (2) check that N really is dynamic.
+    """
+    wrapper = NormalizedClassifier.from_classifier(module).eval()
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for n in batch_sizes:
+        images = torch.rand(n, *wrapper.input_shape, generator=generator)
+        with torch.no_grad():
+            expected = wrapper(images)
+        got = run_exported(fmt, path, images)
+        if got.shape != expected.shape:
+            raise ExportError(f"{path} returned logits of shape {tuple(got.shape)} for a batch of {n}; "
+                              f"expected {tuple(expected.shape)}")
+        worst = max(worst, float((got - expected).abs().max()))
+    return worst
+
+
+def export(module: ImageClassifier, fmt: Format, out: str | Path, exporter: OnnxExporter = "auto",
+           opset: int = ONNX_OPSET, verify: bool = True) -> dict[str, Any]:
+    """Write ``module`` as ``fmt`` to ``out``; with ``verify``, read it back and compare with PyTorch.
+
+    Returns ``{"path", "format", "exporter" (ONNX only), "max_abs_diff" (when verified)}``.
+    Raises ExportError for an unknown format, a failed export, or a file that differs from
+    PyTorch by more than ``TOLERANCE`` (that file is deleted).
+    """
+    if fmt not in SUFFIXES:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(SUFFIXES)}")
+    module = module.eval()
+    out = Path(out)
+    if fmt == "export" and out.suffix != ".pt2":
+        raise ExportError(f"format=export writes a torch.export archive, which torch.export.load only reads "
+                          f"from a file named *.pt2; got out={out}")
+    report: dict[str, Any] = {"path": out, "format": fmt}
+    try:
+        if fmt == "safetensors":
+            save_weights(module, out)
+        elif fmt == "onnx":
+            report["exporter"] = export_onnx(module, out, exporter, opset)
+        elif fmt == "torchscript":
+            export_torchscript(module, out)
+        else:
+            export_program(module, out)
+    except ExportError:
+        raise
+    except Exception as error:
+        raise ExportError(f"format={fmt} failed for model {module.hparams.model_name!r}: "
+                          f"{type(error).__name__}: {error}") from error
+    if verify:
+        difference = max_difference(fmt, out, module)
+        report["max_abs_diff"] = difference
+        if not difference <= TOLERANCE:  # also catches NaN
+            out.unlink(missing_ok=True)
+            raise ExportError(f"the {fmt} export of {module.hparams.model_name!r} differs from PyTorch by "
+                              f"{difference:.3g} (> {TOLERANCE}); the file was deleted")
+    return report
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+def _main(cfg: Any) -> None:
+    fmt = cfg.format
+    if fmt not in SUFFIXES:  # before loading anything: the cheapest mistake to report
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(SUFFIXES)}")
+    if cfg.exporter not in ONNX_EXPORTERS:
+        raise ExportError(f"unknown exporter {cfg.exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
+    ckpt = Path(cfg.ckpt_path)
+    out = Path(cfg.out) if cfg.out else ckpt.with_suffix(SUFFIXES[fmt])
+    if out.resolve() == ckpt.resolve():
+        raise ExportError(f"out={out} would overwrite the checkpoint; choose another path")
+    report = export(load_any(ckpt), fmt, out, cfg.exporter, cfg.opset, cfg.verify)
+    details = [f"exporter {report['exporter']}"] if "exporter" in report else []
+    if "max_abs_diff" in report:
+        details.append(f"max |difference| vs PyTorch {report['max_abs_diff']:.2g}")
+    print(f"{report['path']}" + (f" ({', '.join(details)})" if details else ""))
+
+
+def main() -> None:
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"),
+                config_name="export")
+    def entry(cfg: Any) -> None:
+        try:
+            _main(cfg)
+        except (UserError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    entry()
+
+
+if __name__ == "__main__":
+    main()
