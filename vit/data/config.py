@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 DATASET_NAMES: tuple[str, ...] = (
-    "mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100", "cifar2", "imagefolder",
+    "mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100", "cifar2", "imagefolder", "shards",
 )
 SOURCES: tuple[str, ...] = ("torchvision", "npz")
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "fail")
@@ -34,8 +34,14 @@ class DataConfig:
         or "npz" (one arrays file named by ``path``, keys x_train, y_train, x_test, y_test,
         optional classes; images uint8 NHWC).
     path: the .npz file for source=npz; the folder holding train/ val/ [test/] for imagefolder
-        (None: ``root``).
+        (None: ``root``); for shards (required), the folder or object-store URL (s3://, gs://,
+        azure://) that ``python -m vit.data.shards`` wrote, holding meta.json and train/ val/ test/.
     batch_size / eval_batch_size: training batch size; evaluation batch size (None: batch_size).
+        Both are per device (per process) under data-parallel training.
+    global_batch_size: the training batch of one optimizer step summed over all devices, nodes and
+        accumulated batches; when set it replaces batch_size, which becomes global_batch_size /
+        (devices x num_nodes x accumulate_grad_batches) (see ``vit.distributed``), so that the
+        same command trains the same way on any number of devices.
     num_workers, pin_memory, persistent_workers, prefetch_factor: passed to every DataLoader
         (the last two only when num_workers > 0).
     val_fraction: share of the training split held out for validation, with ``split_seed``,
@@ -50,6 +56,10 @@ class DataConfig:
     max_train_samples: keep a seeded random subset of this many training samples.
     bad_image_policy: for imagefolder, "skip" unreadable images (listed in
         ``dm.skipped_files``) or "fail" on the first one.
+    cache_dir: for shards on object storage, the local folder where downloaded chunks are cached
+        (None: litdata's default cache); local shards are read in place.
+    shuffle_seed: for shards, the seed of the streamed training order, which also changes with
+        every epoch (None: the run's seed, ``torch.initial_seed()``).
     """
 
     name: str = "mnist5k"
@@ -59,6 +69,7 @@ class DataConfig:
     path: Optional[str] = None
     batch_size: int = 128
     eval_batch_size: Optional[int] = None
+    global_batch_size: Optional[int] = None
     num_workers: int = 0
     pin_memory: bool = False
     persistent_workers: bool = False
@@ -72,6 +83,8 @@ class DataConfig:
     classes: list[str] = field(default_factory=list)
     max_train_samples: Optional[int] = None
     bad_image_policy: str = "skip"
+    cache_dir: Optional[str] = None
+    shuffle_seed: Optional[int] = None
 
 
 def resolve_config(cfg: DataConfig | Mapping[str, Any] | None = None, **overrides: Any) -> DataConfig:
@@ -113,7 +126,8 @@ def _validate(cfg: DataConfig) -> None:
     _choice("dataset name (data.name)", cfg.name, DATASET_NAMES)
     _choice("data.source", cfg.source, SOURCES)
     _choice("data.bad_image_policy", cfg.bad_image_policy, BAD_IMAGE_POLICIES)
-    for option in ("batch_size", "eval_batch_size", "prefetch_factor", "img_size", "max_train_samples"):
+    for option in ("batch_size", "eval_batch_size", "global_batch_size", "prefetch_factor", "img_size",
+                   "max_train_samples"):
         value = getattr(cfg, option)
         if value is not None and value <= 0:
             raise ValueError(f"data.{option} must be a positive integer, got {value}")
@@ -123,5 +137,8 @@ def _validate(cfg: DataConfig) -> None:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.classes and cfg.name != "cifar2":
         raise ValueError(f"data.classes selects CIFAR-10 classes for cifar2 only; got it for {cfg.name!r}")
+    if cfg.name == "shards" and not cfg.path:
+        raise ValueError("data=shards needs data.path=DIR, the folder (or s3://... URL) written by "
+                         "`python -m vit.data.shards data=NAME out=DIR`")
     if cfg.source == "npz" and cfg.name in ("cifar10", "cifar100", "cifar2") and not cfg.path:
         raise ValueError("data.source=npz needs data.path, the .npz file with x_train, y_train, x_test, y_test")

@@ -1,12 +1,14 @@
 """Lightning datamodules for every dataset name in ``DATASET_NAMES``, built by ``build_datamodule``.
 
-Two kinds share one base class (loaders, sizes, checks):
+Three kinds share one base class (loaders, sizes, checks):
 
 * ``ArrayDataModule`` (mnist5k, mnist, fashion_mnist, cifar10, cifar100, cifar2): the whole
   dataset as uint8 tensors in memory, batched and augmented with tensor ops
   (see ``vit.data.arrays``).
 * ``ImageFolderDataModule`` (imagefolder): JPEG/PNG/... files decoded in DataLoader workers
   (see ``vit.data.folder``).
+* ``ShardDataModule`` (shards): any of the above converted to litdata shards, streamed from
+  disk or object storage (see ``vit.data.streaming`` and ``vit.data.shards``).
 
 Every module knows ``num_classes``, ``in_chans``, ``img_size``, ``mean`` and ``std`` right after
 construction, so a model can be built before ``setup``; ``class_names`` may read the dataset;
@@ -260,6 +262,10 @@ def build_datamodule(cfg: DataConfig | Mapping[str, Any] | None = None, **overri
     Raises ValueError for an unknown dataset name or an invalid option.
     """
     resolved = resolve_config(cfg, **overrides)
+    if resolved.name == "shards":
+        from vit.data.streaming import ShardDataModule  # imports litdata: only when shards are asked for
+
+        return ShardDataModule(resolved)
     if resolved.name == "imagefolder":
         return ImageFolderDataModule(resolved)
     return ArrayDataModule(resolved)
