@@ -122,6 +122,8 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # torch.compile the LightningModule for training (Lightning unwraps it: checkpoint keys stay plain).
     compile: bool = False
+    # Estimate the memory of a training step before training and stop if it cannot fit (vit/preflight.py).
+    preflight: bool = True
     seed: int = 42
     train: bool = True
     test: bool = True

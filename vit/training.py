@@ -24,11 +24,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from vit.callbacks import EpochSummary, TestCurve, TrainingClock
 from vit.config import TrainConfig, TrainerConfig, model_kwargs
 from vit.data import DataConfig, build_datamodule
-from vit.distributed import (SameRunDirectory, build_strategy, devices_per_node, keep_file_logs_on_rank_zero,
-                             per_device_batch_size)
+from vit.distributed import (SameRunDirectory, StopAllRanksOnError, build_strategy, devices_per_node,
+                             keep_file_logs_on_rank_zero, per_device_batch_size)
 from vit.checkpoints import AtomicCheckpointIO, check_compatible, load_checkpoint, resolve_ckpt_path
 from vit.errors import ConfigError
 from vit.lightning_module import ImageClassifier
+from vit.preflight import MiB, available_memory, check_batch_fits, estimate_training_memory, plan_data
 from vit.reports import plot_confusion_matrix, plot_curves, write_results
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock, dm: A
                         filename="epoch{epoch:03d}-step{step}", auto_insert_metric_name=False),
         LearningRateMonitor(logging_interval="epoch"),
         SameRunDirectory(output_dir),
+        StopAllRanksOnError(),
     ]
     if cfg.callbacks.test_curve:
         callbacks.append(TestCurve(clock, dm.test_dataloader))
@@ -113,7 +115,9 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         data_cfg.batch_size = cfg.data.batch_size = per_device_batch_size(
             data_cfg.global_batch_size, devices_per_node(cfg.trainer.accelerator, cfg.trainer.devices),
             cfg.trainer.num_nodes, cfg.trainer.accumulate_grad_batches)
+    device = _training_device(cfg)
     try:
+        data_cfg = plan_data(data_cfg, available_memory(device))  # data.mode: memory, stream or auto
         dm = build_datamodule(data_cfg)
         dm.prepare_data()
         dm.setup("fit")
@@ -139,6 +143,9 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             raise ConfigError("train=false needs ckpt_path=PATH to a checkpoint to test")
         module = classifier_from_checkpoint(checkpoint)
     del checkpoint
+
+    if cfg.train and cfg.preflight:
+        _check_memory(cfg, module, dm, device)
 
     clock = TrainingClock()
     trainer = build_trainer(cfg, output_dir, clock, dm)
@@ -192,6 +199,27 @@ def _results(cfg: DictConfig, name: str, module: ImageClassifier, dm: Any, train
         "seed": cfg.seed,
         "model_config": module.hparams.model_kwargs,
     }
+
+
+def _training_device(cfg: DictConfig) -> torch.device:
+    wants_gpu = str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto")
+    return torch.device("cuda") if wants_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _check_memory(cfg: DictConfig, module: ImageClassifier, dm: Any, device: torch.device) -> None:
+    """Stop before training when one step cannot fit in the memory this device has free."""
+    precision = str(cfg.trainer.precision)
+    autocast_dtype = None
+    if "bf16" in precision or (precision.startswith("16") and device.type == "cpu"):
+        autocast_dtype = torch.bfloat16  # Lightning runs 16-mixed as bf16 on CPU
+    elif precision.startswith("16"):
+        autocast_dtype = torch.float16
+    estimate = estimate_training_memory(module.model, (dm.in_chans, *dm.img_size), cfg.data.batch_size, autocast_dtype)
+    # Processes on one CPU machine share its memory; GPUs each have their own.
+    local_processes = devices_per_node(cfg.trainer.accelerator, cfg.trainer.devices) if device.type == "cpu" else 1
+    available = available_memory(device) // max(local_processes, 1)
+    log.info("pre-flight: a training step needs about %s; %s MiB free", estimate.describe(), f"{available / MiB:,.0f}")
+    check_batch_fits(estimate, available, cfg.data.batch_size, precision)
 
 
 def measure_model(model: torch.nn.Module, dm: Any, batch_size: int = 64, repeats: int = 3) -> dict[str, Any]:

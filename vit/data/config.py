@@ -20,6 +20,7 @@ DATASET_NAMES: tuple[str, ...] = (
 )
 SOURCES: tuple[str, ...] = ("torchvision", "npz")
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "fail")
+MODES: tuple[str, ...] = ("memory", "stream", "auto")
 
 
 @dataclass
@@ -58,6 +59,10 @@ class DataConfig:
         ``dm.skipped_files``) or "fail" on the first one.
     cache_dir: for shards on object storage, the local folder where downloaded chunks are cached
         (None: litdata's default cache); local shards are read in place.
+    mode: "memory" loads in-memory datasets whole; "stream" converts them once to shards under
+        ``ROOT/shards/`` and streams those; "auto" streams when the dataset would take more than
+        ``memory_fraction`` of the free memory (see ``vit.preflight``). Image folders and shards
+        are always read as they are used.
     shuffle_seed: for shards, the seed of the streamed training order, which also changes with
         every epoch (None: the run's seed, ``torch.initial_seed()``).
     """
@@ -85,6 +90,8 @@ class DataConfig:
     bad_image_policy: str = "skip"
     cache_dir: Optional[str] = None
     shuffle_seed: Optional[int] = None
+    mode: str = "memory"
+    memory_fraction: float = 0.5
 
 
 def resolve_config(cfg: DataConfig | Mapping[str, Any] | None = None, **overrides: Any) -> DataConfig:
@@ -126,6 +133,9 @@ def _validate(cfg: DataConfig) -> None:
     _choice("dataset name (data.name)", cfg.name, DATASET_NAMES)
     _choice("data.source", cfg.source, SOURCES)
     _choice("data.bad_image_policy", cfg.bad_image_policy, BAD_IMAGE_POLICIES)
+    _choice("data.mode", cfg.mode, MODES)
+    if not 0.0 < cfg.memory_fraction <= 1.0:
+        raise ValueError(f"data.memory_fraction must be in (0, 1], got {cfg.memory_fraction}")
     for option in ("batch_size", "eval_batch_size", "global_batch_size", "prefetch_factor", "img_size",
                    "max_train_samples"):
         value = getattr(cfg, option)
