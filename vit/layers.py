@@ -80,13 +80,40 @@ class PatchEmbed(nn.Module):
 
 
 def _explicit_attention_is_faster(q: torch.Tensor) -> bool:
-    """Pick the attention path for ``attn_impl='auto'``.
+    """Pick the attention path for ``attn_impl='auto'`` from the queries q (B, H, N, Dh).
 
-    On CPU, PyTorch's fused kernel for bf16/fp16 runs slower than two plain
-    matmuls and a softmax (bench/model_throughput.py measures it); elsewhere the
-    fused kernel wins or ties and saves the (B, H, N, M) attention matrix.
+    Rule, CPU only (elsewhere the fused flash / memory-efficient kernels win):
+
+    * bf16: explicit matmul-softmax-matmul while N <= 256 tokens, or at any length
+      with heads of Dh >= 64;
+    * fp32: explicit while N <= 128 tokens and torch uses more than one thread;
+    * anything else (fp16, long sequences): ``F.scaled_dot_product_attention``.
+
+    Why (torch 2.14.1, 2-core AMD EPYC with avx512_bf16, 2 threads; re-check with
+    ``python bench/model_throughput.py --attn-impl-sweep``). Explicit vs fused speed:
+
+    * bf16: the fused CPU kernel is slow, its backward above all. Whole model, train /
+      inference: vit_cifar (65 tokens, 12 heads x 16) 3.1x / 1.4x, vit_mnist (50, 4 x 16)
+      4.4x / 1.25x, vit_tiny_patch16_224 (197, 3 x 64) 1.45x / 1.25x. Attention alone at
+      577 tokens loses with narrow heads (Dh 16: 0.9x / 0.5x, Dh 32: 1.0x / 0.65x) but
+      not with Dh 64 (1.8x / 2.0x).
+    * fp32: the fused kernel barely gains from a second thread at these sizes (vit_mnist
+      attention forward 2.41 -> 2.31 ms) while the matmuls and softmax of the explicit path
+      do. With 2 threads: vit_cifar 1.08x / 1.08x, vit_mnist 1.28x / 1.24x, vit_tiny
+      (197 tokens) 1.01x / 1.00x; attention alone 1.04-1.17x at 65 tokens, 1.08-1.18x at
+      100, 0.25-0.92x from 197. With 1 thread fused wins (vit_cifar 0.95x / 0.90x).
+      The price: the (B, H, N, N) probabilities are stored for backward, so vit_cifar's
+      fp32 train step needs 627 MiB instead of 481 MiB.
+    * fp16: explicit runs at 0.2-0.7x (this CPU has no fast fp16 matmul).
     """
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    if q.device.type != "cpu":
+        return False
+    num_tokens, head_dim = q.shape[-2], q.shape[-1]
+    if q.dtype == torch.bfloat16:
+        return num_tokens <= 256 or head_dim >= 64
+    if q.dtype == torch.float32:
+        return num_tokens <= 128 and torch.get_num_threads() > 1
+    return False
 
 
 class MultiHeadAttention(nn.Module):
