@@ -64,3 +64,12 @@ def test_auto_mode_streams_a_dataset_that_would_not_fit(tmp_path):
                                 "model=linear_mnist", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"))
     assert results["dataset"] == "mnist5k" and results["global_step"] == 62  # 4000 // 64: streams drop the last part batch
     assert results["test_acc"] > 0.5
+
+
+def test_npz_size_is_read_from_the_headers(datasets_root):
+    from vit.data import DataConfig
+    from vit.preflight import estimated_dataset_bytes
+
+    cfg = DataConfig(name="cifar10", source="npz", path=str(datasets_root / "cifar10_jpeg_subset.npz"), mode="auto")
+    images_and_labels = 20_000 * 32 * 32 * 3 + 20_000 * 8  # x_train + x_test uint8, y_train + y_test int64
+    assert images_and_labels <= estimated_dataset_bytes(cfg) <= images_and_labels + 4096  # + the class names

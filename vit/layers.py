@@ -252,7 +252,10 @@ class MultiHeadAttention(nn.Module):
             if allowed is not None:
                 scores = scores.masked_fill(~allowed, float("-inf"))
             attn = scores.softmax(dim=-1)
+            del scores  # frees the (B, H, N, M) scores before the next matmul allocates
             out = self.attn_drop(attn) @ v  # (B, H, N, Dh)
+            if not return_attention:
+                attn = None
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
 
@@ -349,6 +352,7 @@ class Block(nn.Module):
         else:
             attended, attn = self.attn(self.norm1(x)), None
         x = x + self.drop_path1(self.ls1(attended))
+        del attended  # not kept alive through the MLP: inference peak memory equals timm's
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return (x, attn) if return_attention else x
 

@@ -152,7 +152,9 @@ def _npz_array_bytes(path: Path) -> int:
                 continue
             with archive.open(member) as stream:
                 version = np.lib.format.read_magic(stream)
-                shape, _, dtype = np.lib.format._read_array_header(stream, version)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(stream)
                 total += int(np.prod(shape)) * np.dtype(dtype).itemsize
     return total
 
@@ -172,8 +174,10 @@ def plan_data(cfg: DataConfig, available: int) -> DataConfig:
     dataset would take more than ``data.memory_fraction`` of ``available`` bytes, convert it once
     to shards under ``ROOT/shards/`` (in a separate process, so this one never holds it) and
     return the config that streams them."""
+    if cfg.mode == "memory":
+        return cfg
     size = estimated_dataset_bytes(cfg)
-    if cfg.mode == "memory" or size is None:
+    if size is None:
         return cfg
     if cfg.mode == "auto" and size <= cfg.memory_fraction * available:
         log.info("pre-flight: dataset %s takes about %s MiB in memory, %s MiB free: loading it whole",

@@ -193,7 +193,8 @@ def _results(cfg: DictConfig, name: str, module: ImageClassifier, dm: Any, train
         "best_checkpoint": (ckpt_callback.best_model_path or None) if ckpt_callback is not None else None,
         "skipped_files": list(dm.skipped_files),
         "skipped_count": len(dm.skipped_files),
-        "batch_size": cfg.data.batch_size,
+        "batch_size": cfg.data.batch_size,  # per device
+        "global_batch_size": cfg.data.batch_size * world * cfg.trainer.accumulate_grad_batches,
         "precision": str(cfg.trainer.precision),
         "world_size": world,
         "seed": cfg.seed,
