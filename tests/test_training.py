@@ -187,11 +187,11 @@ def test_short_fit_on_real_mnist_beats_chance_by_far(tmp_path, datasets_root):
         f"data.root={datasets_root}", "data=mnist", f"output_dir={tmp_path}", "trainer.max_epochs=null",
         "trainer.max_steps=300", "data.batch_size=128", "trainer.limit_val_batches=10",
         "trainer.val_check_interval=100", "trainer.check_val_every_n_epoch=null", "optim.warmup_steps=30",
-        "trainer.precision=bf16-mixed", "trainer.enable_progress_bar=false"))
+        "trainer.precision=bf16-mixed", "trainer.enable_progress_bar=false",
+        # 7px patches (16 tokens) learn fastest in few steps; no augmentation for a quick start
+        "model.patch_size=7", "data.augment=false"))
     assert results["global_step"] == 300
-    # Chance is 0.10; a ViT from scratch is slow to start (300 steps is 0.7 epoch), and
-    # the bound leaves room for that; evaluated on all 10,000 test digits.
-    assert results["test_acc"] > 0.5
+    assert results["test_acc"] > 0.8  # chance is 0.10; evaluated on all 10,000 test digits
 
 
 # -- the command line ---------------------------------------------------------------------------------
