@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from vit.export import NormalizedClassifier  # the normalisation an exported graph applies too
 from vit.lightning_module import ImageClassifier
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -47,18 +48,14 @@ def predict_files(module: ImageClassifier, paths: Sequence[Path], top_k: int = 5
                   batch_size: int = 64) -> list[tuple[Path, list[tuple[str, float]]]]:
     """``[(path, [(class name, probability), ...]), ...]`` for each image, best class first."""
     hp = module.hparams
-    model = module.model.eval()
-    in_chans = hp.model_kwargs.get("in_chans", 3)
-    size = hp.model_kwargs.get("img_size", 224)
-    img_size = (size, size) if isinstance(size, int) else tuple(size)
-    mean = torch.tensor(hp.mean).view(-1, 1, 1)
-    std = torch.tensor(hp.std).view(-1, 1, 1)
+    classifier = NormalizedClassifier.from_classifier(module).eval()
+    in_chans, height, width = classifier.input_shape
     k = min(top_k, len(hp.class_names))
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        images = torch.stack([(load_image(p, in_chans, img_size) - mean) / std for p in chunk])
-        probs, classes = model(images).softmax(dim=-1).topk(k, dim=-1)
+        images = torch.stack([load_image(p, in_chans, (height, width)) for p in chunk])
+        probs, classes = classifier(images).softmax(dim=-1).topk(k, dim=-1)
         for path, p_row, c_row in zip(chunk, probs.tolist(), classes.tolist()):
             results.append((path, [(hp.class_names[c], p) for c, p in zip(c_row, p_row)]))
     return results
