@@ -181,6 +181,29 @@ def test_no_weight_decay_on_norms_biases_tokens_and_positions():
         "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "head.weight"}
 
 
+def test_weight_decay_groups_survive_wrapping_that_renames_and_flattens_parameters():
+    """FSDP (use_orig_params) turns each parameter into a 1-D shard and prefixes its name, as
+    activation checkpointing does; the groups are decided on the model before it is wrapped."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    import vit
+    from vit.layers import Block
+    from vit.lightning_module import no_weight_decay_names, split_weight_decay
+
+    model = vit.create_model("vit_mnist", depth=1)
+    before = [[p.shape for p in group] for group in split_weight_decay(model)]
+    names = no_weight_decay_names(model)
+    apply_activation_checkpointing(model, auto_wrap_policy=ModuleWrapPolicy({Block}))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+    with torch.no_grad():  # what a shard looks like: flat
+        for p in model.parameters():
+            p.data = p.data.flatten()
+    decay, no_decay = split_weight_decay(model, names)
+    assert [len(decay), len(no_decay)] == [len(group) for group in before]
+    assert sorted(p.numel() for p in decay) == sorted(s.numel() for s in before[0])
+
+
 @pytest.mark.slow
 def test_short_fit_on_real_mnist_beats_chance_by_far(tmp_path, datasets_root):
     results = run(compose_train(

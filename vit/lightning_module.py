@@ -27,15 +27,34 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or Inf; training cannot continue meaningfully."""
 
 
-def split_weight_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(decayed, not decayed): weight decay is meant for the weight matrices and kernels;
-    shrinking norm gains, biases, class token or position embeddings only hurts."""
+# Prefixes FSDP and activation checkpointing insert into parameter names of the modules they wrap.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _unwrapped_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters weight decay should leave alone: norm gains, biases, class token,
+    position embeddings (vectors, or named by the model's ``no_weight_decay()``); shrinking them
+    only hurts. Decided on the unwrapped model: FSDP flattens parameters to 1-D shards."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    return {name for name, param in model.named_parameters() if param.ndim <= 1 or name in skip}
+
+
+def split_weight_decay(model: nn.Module, no_decay_names: set[str] | None = None
+                       ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decayed, not decayed) trainable parameters of ``model``, which may be wrapped by FSDP or
+    activation checkpointing if ``no_decay_names`` were taken from it before wrapping."""
+    if no_decay_names is None:
+        no_decay_names = no_weight_decay_names(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+        if param.requires_grad:
+            (no_decay if _unwrapped_name(name) in no_decay_names else decay).append(param)
     return decay, no_decay
 
 
@@ -69,6 +88,7 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(model_name, **model_kwargs)
+        self._no_decay_names = no_weight_decay_names(self.model)  # before FSDP flattens the parameters
         self.num_classes = len(class_names)
         self.mixup = self._build_mixup(loss, self.num_classes)
 
@@ -143,9 +163,26 @@ class ImageClassifier(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------------
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by the norm of the whole gradient, also when FSDP shards it.
+
+        Under FSDP each rank holds a shard of every gradient, so ``clip_grad_norm_`` on the local
+        parameters sees a partial norm (Lightning refuses it with ``gradient_clip_algorithm='norm'``);
+        the root FSDP module's own ``clip_grad_norm_`` all-reduces the shards' norms first.
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.model if self._trainer is not None else None
+        if (isinstance(root, FullyShardedDataParallel) and gradient_clip_val
+                and gradient_clip_algorithm in (None, "norm")):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.hparams.optim
-        decay, no_decay = split_weight_decay(self.model)
+        decay, no_decay = split_weight_decay(self.model, self._no_decay_names)
         groups = [{"params": decay, "weight_decay": optim["weight_decay"]},
                   {"params": no_decay, "weight_decay": 0.0}]
         if optim["name"] == "adamw":

@@ -147,6 +147,7 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if cfg.train and cfg.preflight:
         _check_memory(cfg, module, dm, device)
 
+    num_parameters = module.num_parameters  # counted before FSDP replaces the parameters by shards
     clock = TrainingClock()
     trainer = build_trainer(cfg, output_dir, clock, dm)
     log.info("model %s: %s parameters; data %s: %d training images; output %s",
@@ -162,8 +163,8 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         best = ckpt_callback.best_model_path if cfg.train and ckpt_callback and ckpt_callback.best_model_path else None
         test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
 
-    results = _results(cfg, name, module, dm, trainer, clock, test_metrics)
-    results.update(measure_model(module.model, dm))
+    results = _results(cfg, name, module, num_parameters, dm, trainer, clock, test_metrics)
+    results.update(measure_model(_whole_model(trainer, module), dm))
     if cfg.test:  # gathers every rank's counts (a collective, so all ranks take part); rank zero reuses the cached value
         module.test_confusion.compute()
     if trainer.is_global_zero:
@@ -172,7 +173,15 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _results(cfg: DictConfig, name: str, module: ImageClassifier, dm: Any, trainer: L.Trainer,
+def _whole_model(trainer: L.Trainer, module: ImageClassifier) -> torch.nn.Module:
+    """The module to run for measurements: under FSDP, the wrapped root, whose forward gathers the
+    sharded parameters (every rank must call it: it is a collective); otherwise the model itself."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return trainer.model if isinstance(trainer.model, FullyShardedDataParallel) else module.model
+
+
+def _results(cfg: DictConfig, name: str, module: ImageClassifier, num_parameters: int, dm: Any, trainer: L.Trainer,
              clock: TrainingClock, test_metrics: dict[str, float]) -> dict[str, Any]:
     ckpt_callback = trainer.checkpoint_callback
     best_val = ckpt_callback.best_model_score if ckpt_callback is not None else None
@@ -180,7 +189,7 @@ def _results(cfg: DictConfig, name: str, module: ImageClassifier, dm: Any, train
     return {
         "model": name,
         "dataset": cfg.data.name,
-        "params": module.num_parameters,
+        "params": num_parameters,
         "epochs": trainer.current_epoch if cfg.train else 0,
         "global_step": trainer.global_step,
         "train_time_s": round(clock.train_time_s, 3),
