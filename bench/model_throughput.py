@@ -34,9 +34,11 @@ allocation and free events, in event order. Memory that bypasses PyTorch's alloc
 or oneDNN internal buffers) is not seen.
 
 Attention path. ``vit`` models with ``attn_impl='auto'`` choose between
-``F.scaled_dot_product_attention`` and explicit matmul-softmax-matmul through
-``vit.layers._explicit_attention_is_faster``; each table says which path 'auto' takes.
-``--attn-impl-sweep`` times ``attn_impl='fused'`` and ``'explicit'`` side by side with timm
+``F.scaled_dot_product_attention`` ('fused'), matmul-softmax-matmul with the probabilities
+stored for backward ('explicit') and the same computed tile by tile and recomputed in backward
+('tiled') through ``vit.layers._choose_attention_path``; each table says which path 'auto'
+takes in training and in inference.
+``--attn-impl-sweep`` times ``attn_impl='fused'``, ``'explicit'`` and ``'tiled'`` side by side with timm
 and reports whether 'auto' picked the faster one (a tie within 3% accepts either).
 
 Examples::
@@ -66,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vit
-from vit.layers import _explicit_attention_is_faster
+from vit.layers import _choose_attention_path
 
 DEFAULT_MODELS = ("vit_cifar", "vit_mnist", "vit_tiny_patch16_224")
 MODES = ("fp32", "bf16")
@@ -78,6 +80,7 @@ TIE_MARGIN = 0.03  # timing noise on a quiet machine: paths this close tie, targ
 TARGET_SPEED_RATIO = {"fp32": 1.0, "bf16": 1.5}  # vit/timm throughput the package aims for on CPU
 MiB = 2**20
 
+ATTENTION_PATHS = ("fused", "explicit", "tiled")  # the attn_impl values besides 'auto'
 CpuCounters = tuple[float, float, float]  # (busy s of all cores, total s of all cores, own CPU s)
 
 
@@ -132,7 +135,7 @@ class Comparison:
     vit: Measurement
     timm: Measurement
     auto_path: str  # the attention path attn_impl='auto' takes here
-    faster_path: str | None  # sweep only: 'fused', 'explicit', or 'tie' (within TIE_MARGIN)
+    faster_path: str | None  # sweep only: the fastest path, or 'tie' when auto's is within TIE_MARGIN of it
     background: float | None  # median share of CPU used by other processes while timing
     discarded_rounds: int
     speed_ratio: float = field(init=False)
@@ -224,11 +227,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def build_candidates(config: str, sweep: bool, device: torch.device) -> list[Candidate]:
-    """vit (or, for the sweep, its fused and explicit variants), then timm; all with one set of weights."""
+    """vit (or, for the sweep, one variant per attention path), then timm; all with one set of weights."""
     reference = vit.create_model(config)
     models: dict[str, nn.Module] = {}
     if sweep:
-        for impl in ("fused", "explicit"):
+        for impl in ATTENTION_PATHS:
             variant = vit.create_model(config, attn_impl=impl)
             variant.load_state_dict(reference.state_dict())
             models[f"vit[{impl}]"] = variant
@@ -258,7 +261,7 @@ def auto_attention_path(model: nn.Module, batch_size: int, mode: str, device: to
     attn = model.blocks[0].attn
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     q = torch.empty(batch_size, attn.num_heads, num_tokens(model), attn.head_dim, dtype=dtype, device=device)
-    return "explicit" if _explicit_attention_is_faster(q) else "fused"
+    return _choose_attention_path(q)
 
 
 def make_steps(x: torch.Tensor, y: torch.Tensor, mode: str, device: torch.device) -> dict[str, Step]:
@@ -403,7 +406,6 @@ def measure(
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, model.in_chans, *model.img_size, generator=generator).to(device)
     y = torch.randint(0, model.num_classes, (batch_size,), generator=generator).to(device)
-    auto = auto_attention_path(model, batch_size, mode, device)
     comparisons = []
     for phase, step in make_steps(x, y, mode, device).items():
         for c in candidates:
@@ -414,13 +416,13 @@ def measure(
                                  timing.seconds[c.label], peak_memory(c, step, phase, device))
             for c in candidates
         }
+        auto = auto_attention_path(model, batch_size, mode, device)
         faster = None
-        if "vit[fused]" in results and "vit[explicit]" in results:
-            fused_speed, explicit_speed = (results[f"vit[{p}]"].images_per_s for p in ("fused", "explicit"))
-            if abs(explicit_speed / fused_speed - 1) <= TIE_MARGIN:
-                faster = "tie"
-            else:
-                faster = "explicit" if explicit_speed > fused_speed else "fused"
+        if all(f"vit[{p}]" in results for p in ATTENTION_PATHS):
+            speed = {p: results[f"vit[{p}]"].images_per_s for p in ATTENTION_PATHS}
+            faster = max(speed, key=speed.get)
+            if faster != auto and speed[auto] >= speed[faster] * (1 - TIE_MARGIN):
+                faster = "tie"  # 'auto' is within the margin of the fastest
         shares = [s for s in timing.background if s is not None]
         background = statistics.median(shares) if shares else None
         comparisons += [
@@ -464,16 +466,17 @@ def print_summary(comparisons: Sequence[Comparison], sweep: bool) -> None:
     for c in comparisons:
         groups.setdefault((c.vit.config, c.vit.mode), []).append(c)
     if sweep:
-        print(f"  {'config':<22}{'mode':<6}{'phase':<7}{'fused':>7}{'explicit':>10}{'faster':>10}{'auto':>10}")
+        print(f"  {'config':<22}{'mode':<6}{'phase':<7}" + "".join(f"{p:>10}" for p in ATTENTION_PATHS)
+              + f"{'fastest':>10}{'auto':>10}")
         for (config, mode), group in groups.items():
             for phase in ("train", "infer"):
                 speed = {c.vit.label: c.speed_ratio for c in group if c.vit.phase == phase}
                 c = next(c for c in group if c.vit.phase == phase)
                 mark = "" if c.faster_path in (c.auto_path, "tie") else "  <- mismatch"
-                print(f"  {config:<22}{mode:<6}{phase:<7}{speed['vit[fused]']:>7.2f}{speed['vit[explicit]']:>10.2f}"
-                      f"{c.faster_path:>10}{c.auto_path:>10}{mark}")
+                print(f"  {config:<22}{mode:<6}{phase:<7}" + "".join(f"{speed[f'vit[{p}]']:>10.2f}" for p in ATTENTION_PATHS)
+                      + f"{c.faster_path:>10}{c.auto_path:>10}{mark}")
         return
-    print(f"  {'config':<22}{'mode':<6}{'attn':<10}{'train':>6}{'infer':>7}{'train mem':>10}{'infer mem':>10}"
+    print(f"  {'config':<22}{'mode':<6}{'attn train/infer':<18}{'train':>6}{'infer':>7}{'train mem':>10}{'infer mem':>10}"
           f"  targets: speed >= {TARGET_SPEED_RATIO['fp32']:g} (fp32), >= {TARGET_SPEED_RATIO['bf16']:g} (bf16); "
           f"fp32 memory <= 1")
     for (config, mode), group in groups.items():
@@ -484,7 +487,8 @@ def print_summary(comparisons: Sequence[Comparison], sweep: bool) -> None:
         if mode == "fp32":
             misses += [f"{p} memory" for p, c in by_phase.items() if c.memory_ratio > 1.0]
         train, infer = by_phase["train"], by_phase["infer"]
-        print(f"  {config:<22}{mode:<6}{train.auto_path:<10}{train.speed_ratio:>6.2f}{infer.speed_ratio:>7.2f}"
+        paths = f"{train.auto_path}/{infer.auto_path}"
+        print(f"  {config:<22}{mode:<6}{paths:<18}{train.speed_ratio:>6.2f}{infer.speed_ratio:>7.2f}"
               f"{train.memory_ratio:>10.2f}{infer.memory_ratio:>10.2f}  "
               f"{'met' if not misses else 'missed: ' + ', '.join(misses)}")
 
@@ -514,7 +518,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="redo a round in which other processes used more than this share of the "
                              "machine's CPU time (Linux; default: %(default)s; 1 disables)")
     parser.add_argument("--attn-impl-sweep", action="store_true",
-                        help="time vit with attn_impl='fused' and 'explicit' next to timm and check "
+                        help="time vit with attn_impl='fused', 'explicit' and 'tiled' next to timm and check "
                              "that 'auto' picks the faster path")
     parser.add_argument("--json", metavar="OUT", help="also write every measurement to this JSON file")
     args = parser.parse_args(argv)
@@ -554,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> list[Comparison]:
         print(f"  check: {check_same_logits(candidates, check_x)}")
         for mode in args.modes:
             results = measure(config, candidates, mode, batch_size, args, device)
-            print(f"\n  [{mode}] 'auto' attention path: {results[0].auto_path}")
+            paths = {c.vit.phase: c.auto_path for c in results}
+            print(f"\n  [{mode}] 'auto' attention path: train {paths['train']}, inference {paths['infer']}")
             print_table(results)
             comparisons += results
 

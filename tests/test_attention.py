@@ -1,4 +1,4 @@
-"""Multi-head attention: first-principles explicit path, fused path, masks, causality,
+"""Multi-head attention: first-principles explicit path, fused and tiled paths, masks, causality,
 cross-attention, all checked against torch.nn.MultiheadAttention."""
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from vit import MultiHeadAttention
+from vit import layers
+from vit.layers import _choose_attention_path
 
 DIM, HEADS = 32, 4
 
@@ -48,17 +50,87 @@ def test_explicit_path_is_the_textbook_formula(attn):
     torch.testing.assert_close(out, by_hand(attn, x), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["explicit", "tiled"])
 @pytest.mark.parametrize("kwargs", [{}, {"causal": True}])
-def test_fused_and_explicit_paths_agree(kwargs):
+def test_every_path_agrees_with_the_fused_kernel(kwargs, path):
     x = torch.randn(3, 11, DIM)
     fused = MultiHeadAttention(DIM, HEADS, attn_impl="fused").eval()
-    explicit = MultiHeadAttention(DIM, HEADS, attn_impl="explicit").eval()
-    explicit.load_state_dict(fused.state_dict())
+    other = MultiHeadAttention(DIM, HEADS, attn_impl=path).eval()
+    other.load_state_dict(fused.state_dict())
     mask = torch.rand(3, 1, 11, 11) > 0.3
     mask[..., 0] = True  # every query may see at least one key
     for m in (None, mask):
-        diff = (fused(x, mask=m, **kwargs) - explicit(x, mask=m, **kwargs)).abs().max()
+        diff = (fused(x, mask=m, **kwargs) - other(x, mask=m, **kwargs)).abs().max()
         assert diff < 1e-5
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of one image, so that a batch of 3 runs through several tiles."""
+    monkeypatch.setattr(layers, "TILE_BYTES", 1)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"causal": True}, {"cross": True}, {"mask": True}])
+def test_tiled_gradients_equal_the_explicit_paths(small_tiles, kwargs):
+    """The tiled path's hand-written backward against autograd through the explicit path."""
+    torch.manual_seed(0)
+    explicit = MultiHeadAttention(DIM, HEADS, attn_impl="explicit")
+    tiled = MultiHeadAttention(DIM, HEADS, attn_impl="tiled")
+    tiled.load_state_dict(explicit.state_dict())
+    x, context = torch.randn(3, 9, DIM), torch.randn(3, 6, DIM)
+    call = {"causal": kwargs.get("causal", False)}
+    if kwargs.get("cross") or kwargs.get("mask"):
+        call["context"] = context
+    if kwargs.get("mask"):
+        call["mask"] = torch.rand(3, HEADS, 9, 6) > 0.4
+        call["mask"][..., 0] = True
+    grads = []
+    for module in (explicit, tiled):
+        inputs = [x.clone().requires_grad_(), context.clone().requires_grad_()]
+        if "context" in call:
+            call["context"] = inputs[1]
+        out = module(inputs[0], **call)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([out.detach(), inputs[0].grad, *(p.grad for p in module.parameters())]
+                     + ([inputs[1].grad] if "context" in call else []))
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def saved_for_backward(module: MultiHeadAttention, x: torch.Tensor) -> list[tuple[int, ...]]:
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        module(x).sum().backward()
+    return shapes
+
+
+def test_tiled_path_stores_no_attention_probabilities():
+    """What makes the tiled path as lean as the fused kernel: nothing of shape (B, H, N, N) is
+    kept for the backward pass (the explicit path keeps the probabilities)."""
+    x = torch.randn(2, 10, DIM, requires_grad=True)
+    probabilities = (2, HEADS, 10, 10)
+    assert probabilities in saved_for_backward(MultiHeadAttention(DIM, HEADS, attn_impl="explicit"), x)
+    assert probabilities not in saved_for_backward(MultiHeadAttention(DIM, HEADS, attn_impl="tiled"), x)
+
+
+def test_traced_tiled_attention_is_right_at_every_batch_size(small_tiles):
+    """A tracer records the explicit path instead of the loop over one batch size's tiles."""
+    attn = MultiHeadAttention(DIM, HEADS, attn_impl="tiled").eval()
+    traced = torch.jit.trace(attn, (torch.randn(2, 5, DIM),))
+    x = torch.randn(5, 5, DIM)
+    torch.testing.assert_close(traced(x), attn(x), atol=1e-6, rtol=1e-5)
+    exported = torch.export.export(attn, (torch.randn(2, 5, DIM),),
+                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.testing.assert_close(exported.module()(x), attn(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tokens, threads, path", [
+    (torch.float32, 65, 2, "tiled"), (torch.float32, 65, 1, "fused"), (torch.float32, 197, 2, "fused"),
+    (torch.bfloat16, 197, 2, "explicit"), (torch.bfloat16, 577, 2, "fused"), (torch.float16, 65, 2, "fused"),
+])
+def test_auto_takes_the_path_the_benchmark_found_fastest(dtype, tokens, threads, path, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert _choose_attention_path(torch.empty(2, 12, tokens, 16, dtype=dtype)) == path
 
 
 def test_self_attention_matches_torch_multihead_attention(attn):
@@ -67,7 +139,7 @@ def test_self_attention_matches_torch_multihead_attention(attn):
     ref_out, ref_weights = reference_mha(attn)(x, x, x, average_attn_weights=False)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(attn(x), ref_out, atol=1e-5, rtol=1e-5)  # fused default path
+    torch.testing.assert_close(attn(x), ref_out, atol=1e-5, rtol=1e-5)  # default path
 
 
 def test_cross_attention_matches_torch_multihead_attention(attn):
@@ -90,7 +162,7 @@ def test_mask_matches_torch_and_masked_keys_do_not_matter(attn):
 
     changed = context.clone()
     changed[:, 4:] = torch.randn(2, 2, DIM) * 100
-    for impl in ("fused", "explicit"):
+    for impl in ("fused", "explicit", "tiled"):
         attn.attn_impl = impl
         torch.testing.assert_close(attn(x, context=changed, mask=allowed), out, atol=1e-5, rtol=1e-5)
     _, weights = attn(x, context=context, mask=allowed, return_attention=True)
@@ -129,25 +201,32 @@ def test_attention_rows_are_probabilities(attn):
     assert torch.all(weights >= 0)
 
 
-def test_qk_norm_and_no_bias_variants_run_on_both_paths():
+def test_qk_norm_and_no_bias_variants_run_on_every_path():
     x = torch.randn(2, 5, DIM)
-    attn = MultiHeadAttention(DIM, HEADS, qkv_bias=False, qk_norm=True).eval()
+    attn = MultiHeadAttention(DIM, HEADS, qkv_bias=False, qk_norm=True, attn_impl="fused").eval()
     assert attn.qkv.bias is None
     fused = attn(x)
-    attn.attn_impl = "explicit"
-    assert (attn(x) - fused).abs().max() < 1e-5
+    for impl in ("explicit", "tiled"):
+        attn.attn_impl = impl
+        assert (attn(x) - fused).abs().max() < 1e-5
     assert attn(x, context=torch.randn(2, 3, DIM)).shape == (2, 5, DIM)
 
 
 def test_bf16_autocast_paths_agree():
     x = torch.randn(2, 17, DIM)
-    attn = MultiHeadAttention(DIM, HEADS, attn_impl="fused").eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = attn(x)
-        attn.attn_impl = "explicit"
-        explicit = attn(x)
-    assert fused.dtype == explicit.dtype == torch.bfloat16
-    assert (fused.float() - explicit.float()).abs().max() < 3e-2  # bf16 has ~3 significant digits
+    attn = MultiHeadAttention(DIM, HEADS, attn_impl="fused")
+    outputs, grads = {}, {}
+    for impl in ("fused", "explicit", "tiled"):
+        attn.attn_impl = impl
+        attn.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[impl] = attn(x)
+        outputs[impl].float().square().sum().backward()
+        grads[impl] = attn.qkv.weight.grad.clone()
+        assert outputs[impl].dtype == torch.bfloat16 and grads[impl].dtype == torch.float32
+    for impl in ("explicit", "tiled"):
+        assert (outputs[impl].float() - outputs["fused"].float()).abs().max() < 3e-2  # bf16: ~3 digits
+    torch.testing.assert_close(grads["tiled"], grads["explicit"], atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize(

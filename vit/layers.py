@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-AttentionImpl = Literal["auto", "fused", "explicit"]
+AttentionImpl = Literal["auto", "fused", "explicit", "tiled"]
 
 # timm and the original JAX ViT both use eps=1e-6; matching it keeps outputs equal.
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -79,41 +79,149 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
-def _explicit_attention_is_faster(q: torch.Tensor) -> bool:
-    """Pick the attention path for ``attn_impl='auto'`` from the queries q (B, H, N, Dh).
+# Bytes of one tile's (images, H, N, M) scores in the tiled path: small enough to stay in a
+# core's L2 cache between the matmuls and the softmax (1 MiB measured best on this CPU).
+TILE_BYTES = 1 << 20
+
+
+def _tiles(q: torch.Tensor, num_keys: int) -> list[tuple[int, int]]:
+    """Split the batch of q (B, H, N, Dh) into runs of images whose scores fill about ``TILE_BYTES``.
+
+    A tile's scores are also kept under half the size of q itself, so that a tile's temporaries
+    never outweigh one (B, N, D) activation: at small batches the tiled path's peak memory then
+    stays at or below the fused kernel's.
+    """
+    batch, heads, num_queries, _ = q.shape
+    per_image = heads * num_queries * num_keys * q.element_size()
+    budget = min(TILE_BYTES, q.numel() * q.element_size() // 2)
+    step = max(1, budget // per_image)
+    return [(start, min(batch, start + step)) for start in range(0, batch, step)]
+
+
+def _tile_probabilities(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, scale: float,
+                        start: int, stop: int) -> torch.Tensor:
+    """softmax(q k^T * scale) over keys for images ``start:stop``: (b, H, N, M).
+
+    The backward pass calls this again for the same tile; the same operations in the same order
+    give bit-identical probabilities to the forward pass's.
+    """
+    scores = torch.matmul(q[start:stop], k[start:stop].transpose(-2, -1)).mul_(scale)
+    if allowed is not None:
+        tile_mask = allowed[start:stop] if allowed.ndim == 4 and allowed.shape[0] > 1 else allowed
+        scores.masked_fill_(~tile_mask, float("-inf"))
+    if scores.device.type == "cpu":  # row by row, so the CPU kernel may write over its input
+        return torch.softmax(scores, dim=-1, out=scores)
+    return scores.softmax(dim=-1)
+
+
+class TiledAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale + mask) v``, computed a few images at a time, probabilities recomputed
+    in the backward pass instead of stored.
+
+    Same mathematics as the explicit path, two differences in how it is evaluated:
+
+    * **Memory.** Plain autograd keeps every layer's (B, H, N, M) probabilities for the backward
+      pass, which for short sequences is more than the rest of the layer's activations together.
+      Here only q, k and v are kept (as the fused kernel does) and each tile's probabilities are
+      recomputed when its gradient is needed (selective activation recomputation).
+    * **Cache.** A tile's scores (``TILE_BYTES``) stay in cache from the first matmul through the
+      softmax to the second, instead of streaming the whole (B, H, N, M) tensor through memory
+      three times.
+
+    Backward, per tile, with P the probabilities and dO the output gradient:
+    ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - rowsum(dP * P))`` (softmax's Jacobian),
+    ``dQ = dS K * scale``, ``dK = dS^T Q * scale``.
+
+    Inputs q (B, H, N, Dh), k and v (B, H, M, Dh), ``allowed`` None or bool broadcastable to
+    (B, H, N, M). Output (B, H, N, Dh). Under autocast the computation runs in the autocast
+    dtype, as the explicit path's matmuls would.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                scale: float) -> torch.Tensor:
+        ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
+        dtype = _compute_dtype(q, v)
+        q, k, v = (t.to(dtype) for t in (q, k, v))  # views stay views: tiles are copied as needed
+        B, H, N, Dh = q.shape
+        # Written in (B, N, H, Dh) order, so that concatenating the heads afterwards is a free view.
+        out = q.new_empty(B, N, H, Dh).transpose(1, 2)
+        with torch.autocast(q.device.type, enabled=False):
+            for start, stop in _tiles(q, k.shape[2]):
+                probs = _tile_probabilities(q, k, allowed, scale, start, stop)
+                torch.matmul(probs, v[start:stop], out=out[start:stop])
+                del probs
+        ctx.save_for_backward(q, k, v, allowed)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, allowed = ctx.saved_tensors
+        scale = ctx.scale
+        grad_out = grad_out.to(q.dtype)
+        B, H, N, Dh = q.shape
+        grad_q = q.new_empty(B, H, N, Dh)
+        grad_k, grad_v = k.new_empty(k.shape), v.new_empty(v.shape)
+        with torch.autocast(q.device.type, enabled=False):
+            for start, stop in _tiles(q, k.shape[2]):
+                probs = _tile_probabilities(q, k, allowed, scale, start, stop)
+                d_out = grad_out[start:stop].contiguous()
+                torch.matmul(probs.transpose(-2, -1), d_out, out=grad_v[start:stop])
+                d_probs = torch.matmul(d_out, v[start:stop].transpose(-2, -1))
+                d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
+                del probs, d_probs
+                torch.matmul(d_scores, k[start:stop], out=grad_q[start:stop]).mul_(scale)
+                torch.matmul(d_scores.transpose(-2, -1), q[start:stop], out=grad_k[start:stop]).mul_(scale)
+                del d_scores
+        q_dtype, k_dtype, v_dtype = ctx.input_dtypes
+        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None, None
+
+
+def _compute_dtype(q: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """The dtype the explicit path's matmuls would run in: autocast's, else the inputs' common one."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    return torch.promote_types(q.dtype, v.dtype)
+
+
+def _traced() -> bool:
+    """True while torch.compile, torch.export, ONNX export or torch.jit.trace records the model."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _choose_attention_path(q: torch.Tensor) -> str:
+    """The path ``attn_impl='auto'`` takes for queries q (B, H, N, Dh): 'fused', 'explicit' or 'tiled'.
 
     Rule, CPU only (elsewhere the fused flash / memory-efficient kernels win):
 
-    * bf16: explicit matmul-softmax-matmul while N <= 256 tokens, or at any length
-      with heads of Dh >= 64;
-    * fp32: explicit while N <= 128 tokens and torch uses more than one thread;
+    * fp32: tiled while N <= 128 tokens and torch uses more than one thread; fused otherwise.
+    * bf16: explicit while N <= 256 tokens, or at any length with heads of Dh >= 64.
     * anything else (fp16, long sequences): ``F.scaled_dot_product_attention``.
 
     Why (torch 2.14.1, 2-core AMD EPYC with avx512_bf16, 2 threads; re-check with
-    ``python bench/model_throughput.py --attn-impl-sweep``). Explicit vs fused speed:
+    ``python bench/model_throughput.py --attn-impl-sweep``), whole-model speed against timm:
 
-    * bf16: the fused CPU kernel is slow, its backward above all. Whole model, train /
-      inference: vit_cifar (65 tokens, 12 heads x 16) 3.1x / 1.4x, vit_mnist (50, 4 x 16)
-      4.4x / 1.25x, vit_tiny_patch16_224 (197, 3 x 64) 1.45x / 1.25x. Attention alone at
-      577 tokens loses with narrow heads (Dh 16: 0.9x / 0.5x, Dh 32: 1.0x / 0.65x) but
-      not with Dh 64 (1.8x / 2.0x).
-    * fp32: the fused kernel barely gains from a second thread at these sizes (vit_mnist
-      attention forward 2.41 -> 2.31 ms) while the matmuls and softmax of the explicit path
-      do. With 2 threads: vit_cifar 1.08x / 1.08x, vit_mnist 1.28x / 1.24x, vit_tiny
-      (197 tokens) 1.01x / 1.00x; attention alone 1.04-1.17x at 65 tokens, 1.08-1.18x at
-      100, 0.25-0.92x from 197. With 1 thread fused wins (vit_cifar 0.95x / 0.90x).
-      The price: the (B, H, N, N) probabilities are stored for backward, so vit_cifar's
-      fp32 train step needs 627 MiB instead of 481 MiB.
+    * fp32: the fused kernel barely gains from a second thread at these sizes, while the
+      matmuls and softmax of a tile do. Train / inference, tiled: vit_cifar (65 tokens)
+      1.05-1.12x / 1.02-1.13x, vit_mnist (50) 1.08-1.18x / 1.08-1.25x, with the peak memory of
+      fused (explicit stores the probabilities: 1.24-1.67x timm's memory). From 197 tokens
+      (vit_tiny) the fused kernel is as fast as any (0.97-1.03x). With 1 thread fused wins.
+    * bf16: the fused CPU kernel is slow, its backward above all. Explicit: vit_cifar 3.3x /
+      1.49x, vit_mnist 4.3x / 1.32x, vit_tiny (197 tokens, Dh 64) 1.42x / 1.33x; tiled is
+      10-20% slower than explicit here but needs no more memory than fused (choose
+      ``attn_impl='tiled'`` for that). Attention alone at 577 tokens loses with narrow heads
+      (Dh 16: 0.9x / 0.5x, Dh 32: 1.0x / 0.65x) but not with Dh 64 (1.8x / 2.0x).
     * fp16: explicit runs at 0.2-0.7x (this CPU has no fast fp16 matmul).
     """
     if q.device.type != "cpu":
-        return False
+        return "fused"
     num_tokens, head_dim = q.shape[-2], q.shape[-1]
-    if q.dtype == torch.bfloat16:
-        return num_tokens <= 256 or head_dim >= 64
-    if q.dtype == torch.float32:
-        return num_tokens <= 128 and torch.get_num_threads() > 1
-    return False
+    if q.dtype == torch.bfloat16 and (num_tokens <= 256 or head_dim >= 64):
+        return "explicit"
+    if q.dtype == torch.float32 and num_tokens <= 128 and torch.get_num_threads() > 1:
+        return "tiled"
+    return "fused"
 
 
 class MultiHeadAttention(nn.Module):
@@ -129,10 +237,13 @@ class MultiHeadAttention(nn.Module):
     cross-attention the query rows are applied to ``x`` and the key/value rows
     to ``context``. ``proj`` is W^O.
 
-    Two paths give the same numbers: the fused
-    ``torch.nn.functional.scaled_dot_product_attention`` kernel (default) and the
-    explicit one above, used when attention weights are requested or when it is
-    faster (see ``attn_impl``).
+    Three paths give the same numbers (``attn_impl``): ``'fused'``, torch's
+    ``scaled_dot_product_attention`` kernel; ``'explicit'``, the steps above as written,
+    which can return the attention weights; ``'tiled'``, the same steps a few images at a
+    time with the probabilities recomputed in backward (:class:`TiledAttention`), which
+    needs no more memory than the fused kernel. ``'auto'`` (default) takes the fastest
+    for the device, dtype and sequence (:func:`_choose_attention_path`); requesting the
+    weights always takes the explicit path.
     """
 
     def __init__(
@@ -153,8 +264,8 @@ class MultiHeadAttention(nn.Module):
                 f"embed_dim {dim} is not divisible by num_heads {num_heads}; "
                 f"each head needs an equal share of the embedding"
             )
-        if attn_impl not in ("auto", "fused", "explicit"):
-            raise ValueError(f"attn_impl must be 'auto', 'fused' or 'explicit', got {attn_impl!r}")
+        if attn_impl not in ("auto", "fused", "explicit", "tiled"):
+            raise ValueError(f"attn_impl must be 'auto', 'fused', 'explicit' or 'tiled', got {attn_impl!r}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -241,13 +352,18 @@ class MultiHeadAttention(nn.Module):
         allowed = self._allowed(mask, causal, q.shape[-2], k.shape[-2], x.device)
         dropout_p = self.attn_drop.p if self.training else 0.0
 
-        explicit = (
-            return_attention
-            or self.attn_impl == "explicit"
-            or (self.attn_impl == "auto" and _explicit_attention_is_faster(q))
-        )
+        path = self.attn_impl
+        if return_attention:
+            path = "explicit"
+        elif path == "auto":
+            path = _choose_attention_path(q)
+        if path == "tiled" and (dropout_p > 0 or _traced()):
+            # Dropout would have to be replayed in the recomputation; a tracer would bake the
+            # Python loop over tiles into its graph for one batch size (compilers fuse the
+            # explicit path their own way).
+            path = "explicit"
         attn = None
-        if explicit:
+        if path == "explicit":
             scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, M)
             if allowed is not None:
                 scores = scores.masked_fill(~allowed, float("-inf"))
@@ -256,9 +372,12 @@ class MultiHeadAttention(nn.Module):
             out = self.attn_drop(attn) @ v  # (B, H, N, Dh)
             if not return_attention:
                 attn = None
+        elif path == "tiled":
+            out = TiledAttention.apply(q, k, v, allowed, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
 
+        del q, k, v  # the (B, N, 3D) projection they view is not needed any more: free it before proj
         out = out.transpose(1, 2).reshape(x.shape)  # concatenate heads: (B, N, H*Dh)
         out = self.proj_drop(self.proj(out))
         return (out, attn) if return_attention else out

@@ -47,7 +47,7 @@ class VisionTransformer(nn.Module):
         proj_drop_rate: dropout after attention output projection and in the MLP.
         attn_drop_rate: dropout on the attention probabilities.
         drop_path_rate: stochastic depth, rising linearly from 0 to this value over the blocks.
-        attn_impl: ``'auto'`` (fastest exact path for the device and dtype), ``'fused'`` or ``'explicit'``.
+        attn_impl: ``'auto'`` (fastest exact path for the device and dtype), ``'fused'``, ``'explicit'`` or ``'tiled'`` (see MultiHeadAttention).
     """
 
     def __init__(
