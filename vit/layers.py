@@ -84,16 +84,17 @@ class PatchEmbed(nn.Module):
 TILE_BYTES = 1 << 20
 
 
-def _tiles(q: torch.Tensor, num_keys: int) -> list[tuple[int, int]]:
+def _tiles(q: torch.Tensor, num_keys: int, for_inference: bool) -> list[tuple[int, int]]:
     """Split the batch of q (B, H, N, Dh) into runs of images whose scores fill about ``TILE_BYTES``.
 
-    A tile's scores are also kept under half the size of q itself, so that a tile's temporaries
-    never outweigh one (B, N, D) activation: at small batches the tiled path's peak memory then
-    stays at or below the fused kernel's.
+    For inference a tile's scores are also kept under half the size of q itself, so that its
+    temporaries never outweigh one (B, N, D) activation and the peak memory stays at or below the
+    fused kernel's. Training needs no such cap (its peak is the stored activations), and fewer,
+    larger tiles cost less Python overhead per step.
     """
     batch, heads, num_queries, _ = q.shape
     per_image = heads * num_queries * num_keys * q.element_size()
-    budget = min(TILE_BYTES, q.numel() * q.element_size() // 2)
+    budget = min(TILE_BYTES, q.numel() * q.element_size() // 2) if for_inference else TILE_BYTES
     step = max(1, budget // per_image)
     return [(start, min(batch, start + step)) for start in range(0, batch, step)]
 
@@ -133,21 +134,27 @@ class TiledAttention(torch.autograd.Function):
     ``dQ = dS K * scale``, ``dK = dS^T Q * scale``.
 
     Inputs q (B, H, N, Dh), k and v (B, H, M, Dh), ``allowed`` None or bool broadcastable to
-    (B, H, N, M). Output (B, H, N, Dh). Under autocast the computation runs in the autocast
+    (B, H, N, M); ``for_inference`` when no gradient will be asked (smaller tiles, see
+    :func:`_tiles`). Output (B, H, N, Dh). Under autocast the computation runs in the autocast
     dtype, as the explicit path's matmuls would.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
-                scale: float) -> torch.Tensor:
+                scale: float, for_inference: bool = False) -> torch.Tensor:
         ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
         dtype = _compute_dtype(q, v)
-        q, k, v = (t.to(dtype) for t in (q, k, v))  # views stay views: tiles are copied as needed
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        if not for_inference:
+            # One copy each, kept for backward instead of the views (the projection they view is
+            # then freed), saves copying every tile twice more in the backward pass. Inference
+            # copies only tiles: a whole copy would add to its peak memory.
+            q, k, v = (t.contiguous() for t in (q, k, v))
         B, H, N, Dh = q.shape
         # Written in (B, N, H, Dh) order, so that concatenating the heads afterwards is a free view.
         out = q.new_empty(B, N, H, Dh).transpose(1, 2)
         with torch.autocast(q.device.type, enabled=False):
-            for start, stop in _tiles(q, k.shape[2]):
+            for start, stop in _tiles(q, k.shape[2], for_inference):
                 probs = _tile_probabilities(q, k, allowed, scale, start, stop)
                 torch.matmul(probs, v[start:stop], out=out[start:stop])
                 del probs
@@ -159,14 +166,14 @@ class TiledAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, allowed = ctx.saved_tensors
         scale = ctx.scale
-        grad_out = grad_out.to(q.dtype)
+        grad_out = grad_out.to(q.dtype).contiguous()
         B, H, N, Dh = q.shape
         grad_q = q.new_empty(B, H, N, Dh)
         grad_k, grad_v = k.new_empty(k.shape), v.new_empty(v.shape)
         with torch.autocast(q.device.type, enabled=False):
-            for start, stop in _tiles(q, k.shape[2]):
+            for start, stop in _tiles(q, k.shape[2], for_inference=False):
                 probs = _tile_probabilities(q, k, allowed, scale, start, stop)
-                d_out = grad_out[start:stop].contiguous()
+                d_out = grad_out[start:stop]
                 torch.matmul(probs.transpose(-2, -1), d_out, out=grad_v[start:stop])
                 d_probs = torch.matmul(d_out, v[start:stop].transpose(-2, -1))
                 d_scores = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
@@ -175,7 +182,7 @@ class TiledAttention(torch.autograd.Function):
                 torch.matmul(d_scores.transpose(-2, -1), q[start:stop], out=grad_k[start:stop]).mul_(scale)
                 del d_scores
         q_dtype, k_dtype, v_dtype = ctx.input_dtypes
-        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None, None
+        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), None, None, None
 
 
 def _compute_dtype(q: torch.Tensor, v: torch.Tensor) -> torch.dtype:
@@ -374,7 +381,8 @@ class MultiHeadAttention(nn.Module):
             if not return_attention:
                 attn = None
         elif path == "tiled":
-            out = TiledAttention.apply(q, k, v, allowed, self.scale)
+            recording = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            out = TiledAttention.apply(q, k, v, allowed, self.scale, not recording)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
 

@@ -136,7 +136,8 @@ class ImageClassifier(L.LightningModule):
                 f"loss is {loss.item()} at global step {self.global_step} (learning rate {lr:.3g}); "
                 f"lower optim.lr, keep trainer.gradient_clip_val set, or use trainer.precision=32-true")
         self.train_metrics.update(logits.detach(), labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels),
+                 sync_dist=True)  # the mean over every rank, not rank zero's alone
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(labels))
         return loss
 
