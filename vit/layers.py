@@ -211,13 +211,13 @@ def _choose_attention_path(q: torch.Tensor) -> str:
 
     * fp32: the fused kernel barely gains from a second thread at these sizes, while the
       matmuls and softmax of a tile do. Train / inference, tiled: vit_cifar (65 tokens)
-      1.03-1.10x / 1.02-1.08x, vit_mnist (50) 1.07-1.08x / 1.05-1.11x, at the fused kernel's
+      1.01-1.10x / 1.01-1.08x, vit_mnist (50) 1.07-1.14x / 1.05-1.11x, at the fused kernel's
       peak memory (explicit, which stores the probabilities, needs 1.24-1.67x). From 197 tokens
       (vit_tiny) no path is reliably faster than the fused kernel (explicit 0.97-1.03x at 1.16x
       the memory, tiled 0.97-0.98x). With 1 thread fused wins.
-    * bf16: the fused CPU kernel is slow, its backward above all. Explicit: vit_cifar 3.1-3.4x /
-      1.34-1.53x, vit_mnist 4.0-4.1x / 1.21-1.23x, vit_tiny (197 tokens, Dh 64) 1.45-1.47x /
-      1.24-1.27x; tiled is 10-25% slower than explicit here (many small bf16 matmuls) but needs
+    * bf16: the fused CPU kernel is slow, its backward above all. Explicit: vit_cifar 3.0-3.4x /
+      1.33-1.53x, vit_mnist 3.8-4.1x / 1.16-1.23x, vit_tiny (197 tokens, Dh 64) 1.43-1.47x /
+      1.24-1.35x; tiled is 5-20% slower than explicit here (many small bf16 matmuls) but needs
       no more memory than fused (``attn_impl='tiled'``). Attention alone at 577 tokens loses with
       narrow heads (Dh 16: 0.9x / 0.5x, Dh 32: 1.0x / 0.65x) but not with Dh 64 (1.8x / 2.0x).
     * fp16: explicit runs at 0.2-0.7x (this CPU has no fast fp16 matmul).
