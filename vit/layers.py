@@ -167,9 +167,7 @@ class TiledAttention(torch.autograd.Function):
         q, k, v, allowed = ctx.saved_tensors
         scale = ctx.scale
         grad_out = grad_out.to(q.dtype).contiguous()
-        B, H, N, Dh = q.shape
-        grad_q = q.new_empty(B, H, N, Dh)
-        grad_k, grad_v = k.new_empty(k.shape), v.new_empty(v.shape)
+        grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (q, k, v))
         with torch.autocast(q.device.type, enabled=False):
             for start, stop in _tiles(q, k.shape[2], for_inference=False):
                 probs = _tile_probabilities(q, k, allowed, scale, start, stop)
