@@ -37,7 +37,7 @@ Attention path. ``vit`` models with ``attn_impl='auto'`` choose between
 ``F.scaled_dot_product_attention`` ('fused'), matmul-softmax-matmul with the probabilities
 stored for backward ('explicit') and the same computed tile by tile and recomputed in backward
 ('tiled') through ``vit.layers._choose_attention_path``; each table says which path 'auto'
-takes in training and in inference.
+takes.
 ``--attn-impl-sweep`` times ``attn_impl='fused'``, ``'explicit'`` and ``'tiled'`` side by side with timm
 and reports whether 'auto' picked the fastest (in fp32: the fastest within timm's peak
 memory; a tie within 3% accepts either).
@@ -407,6 +407,7 @@ def measure(
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, model.in_chans, *model.img_size, generator=generator).to(device)
     y = torch.randint(0, model.num_classes, (batch_size,), generator=generator).to(device)
+    auto = auto_attention_path(model, batch_size, mode, device)
     comparisons = []
     for phase, step in make_steps(x, y, mode, device).items():
         for c in candidates:
@@ -417,7 +418,6 @@ def measure(
                                  timing.seconds[c.label], peak_memory(c, step, phase, device))
             for c in candidates
         }
-        auto = auto_attention_path(model, batch_size, mode, device)
         faster = None
         if all(f"vit[{p}]" in results for p in ATTENTION_PATHS):
             # fp32 has a memory target too: the fastest path among those within timm's peak memory.
@@ -480,7 +480,7 @@ def print_summary(comparisons: Sequence[Comparison], sweep: bool) -> None:
                 print(f"  {config:<22}{mode:<6}{phase:<7}" + "".join(f"{speed[f'vit[{p}]']:>10.2f}" for p in ATTENTION_PATHS)
                       + f"{c.faster_path:>10}{c.auto_path:>10}{mark}")
         return
-    print(f"  {'config':<22}{'mode':<6}{'attn train/infer':<18}{'train':>6}{'infer':>7}{'train mem':>10}{'infer mem':>10}"
+    print(f"  {'config':<22}{'mode':<6}{'attn':<10}{'train':>6}{'infer':>7}{'train mem':>10}{'infer mem':>10}"
           f"  targets: speed >= {TARGET_SPEED_RATIO['fp32']:g} (fp32), >= {TARGET_SPEED_RATIO['bf16']:g} (bf16); "
           f"fp32 memory <= 1")
     for (config, mode), group in groups.items():
@@ -491,8 +491,7 @@ def print_summary(comparisons: Sequence[Comparison], sweep: bool) -> None:
         if mode == "fp32":
             misses += [f"{p} memory" for p, c in by_phase.items() if c.memory_ratio > 1.0]
         train, infer = by_phase["train"], by_phase["infer"]
-        paths = f"{train.auto_path}/{infer.auto_path}"
-        print(f"  {config:<22}{mode:<6}{paths:<18}{train.speed_ratio:>6.2f}{infer.speed_ratio:>7.2f}"
+        print(f"  {config:<22}{mode:<6}{train.auto_path:<10}{train.speed_ratio:>6.2f}{infer.speed_ratio:>7.2f}"
               f"{train.memory_ratio:>10.2f}{infer.memory_ratio:>10.2f}  "
               f"{'met' if not misses else 'missed: ' + ', '.join(misses)}")
 
@@ -562,8 +561,7 @@ def main(argv: Sequence[str] | None = None) -> list[Comparison]:
         print(f"  check: {check_same_logits(candidates, check_x)}")
         for mode in args.modes:
             results = measure(config, candidates, mode, batch_size, args, device)
-            paths = {c.vit.phase: c.auto_path for c in results}
-            print(f"\n  [{mode}] 'auto' attention path: train {paths['train']}, inference {paths['infer']}")
+            print(f"\n  [{mode}] 'auto' attention path: {results[0].auto_path}")
             print_table(results)
             comparisons += results
 
