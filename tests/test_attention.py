@@ -65,6 +65,77 @@ def test_every_path_agrees_with_the_fused_kernel(kwargs, path):
 
 
 @pytest.fixture
+def normalise_last_results(monkeypatch) -> list[bool]:
+    """Records, per call of the inference-only normalise-last path, whether it gave a result."""
+    results, original = [], layers._attention_normalised_last
+
+    def spy(*args):
+        out = original(*args)
+        results.append(out is not None)
+        return out
+
+    monkeypatch.setattr(layers, "_attention_normalised_last", spy)
+    return results
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"causal": True}, {"cross": True}, {"mask": True}])
+def test_inference_divides_by_the_row_sums_after_the_values(normalise_last_results, kwargs):
+    """Without autograd the explicit path computes exp(S) [V, 1] and divides last: the same numbers
+    as the fused kernel, in the same (B, N, D) layout, with masks, causality and cross-attention."""
+    torch.manual_seed(0)
+    fused = MultiHeadAttention(DIM, HEADS, attn_impl="fused").eval()
+    explicit = MultiHeadAttention(DIM, HEADS, attn_impl="explicit").eval()
+    explicit.load_state_dict(fused.state_dict())
+    x, context = torch.randn(3, 9, DIM), torch.randn(3, 6, DIM)
+    call = {"causal": kwargs.get("causal", False)}
+    if kwargs.get("cross") or kwargs.get("mask"):
+        call["context"] = context
+    if kwargs.get("mask"):
+        call["mask"] = torch.rand(3, 1, 9, 6) > 0.4
+        call["mask"][..., 0] = True
+    with torch.inference_mode():
+        want, got = fused(x, **call), explicit(x, **call)
+    assert normalise_last_results == [True]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("logit", [400.0, -400.0])
+def test_inference_falls_back_to_softmax_when_exp_leaves_the_float_range(normalise_last_results, logit):
+    """Logits of +400 overflow exp; logits of -400 everywhere leave every row's sum at 0. The
+    explicit path then takes the max-subtracted softmax and still matches the fused kernel."""
+    q = torch.ones(2, HEADS, 5, 8)
+    k = torch.full((2, HEADS, 5, 8), logit / 8**0.5)  # every scaled logit q.k / sqrt(8) is `logit`
+    assert layers._attention_normalised_last(q, k, torch.randn(2, HEADS, 5, 8), None, 8**-0.5) is None
+
+    torch.manual_seed(0)
+    fused = MultiHeadAttention(DIM, HEADS, attn_impl="fused").eval()
+    explicit = MultiHeadAttention(DIM, HEADS, attn_impl="explicit").eval()
+    head_dim = DIM // HEADS
+    with torch.no_grad():  # constant queries and keys: every token's logit against every key is `logit`
+        fused.qkv.weight[:2 * DIM] = 0
+        fused.qkv.bias[:DIM] = 1
+        fused.qkv.bias[DIM:2 * DIM] = logit / head_dim**0.5
+    explicit.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 5, DIM)
+    with torch.inference_mode():
+        want, got = fused(x), explicit(x)
+    assert normalise_last_results == [False, False]  # the direct call above, then the module's
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_inference_divides_after_the_values_and_agrees_with_fused(normalise_last_results):
+    x = torch.randn(4, 17, DIM)
+    fused = MultiHeadAttention(DIM, HEADS, attn_impl="fused").eval()
+    explicit = MultiHeadAttention(DIM, HEADS, attn_impl="explicit").eval()
+    explicit.load_state_dict(fused.state_dict())
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = fused(x), explicit(x)
+    assert normalise_last_results == [True] and got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max() < 3e-2  # bf16: ~3 digits
+
+
+@pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of one image, so that a batch of 3 runs through several tiles."""
     monkeypatch.setattr(layers, "TILE_BYTES", 1)
