@@ -64,6 +64,21 @@ def test_every_path_agrees_with_the_fused_kernel(kwargs, path):
         assert diff < 1e-5
 
 
+VARIANTS = [{}, {"causal": True}, {"cross": True}, {"mask": True}]
+
+
+def variant_call(variant: dict, context: torch.Tensor, mask_heads: int) -> dict:
+    """forward() keywords for one of VARIANTS: queries (3, 9) against themselves or 6 context
+    tokens, optionally causal or with a random mask (mask_heads: 1 broadcasts over heads)."""
+    call = {"causal": variant.get("causal", False)}
+    if variant.get("cross") or variant.get("mask"):
+        call["context"] = context
+    if variant.get("mask"):
+        call["mask"] = torch.rand(3, mask_heads, 9, 6) > 0.4
+        call["mask"][..., 0] = True  # every query may see at least one key
+    return call
+
+
 @pytest.fixture
 def normalise_last_results(monkeypatch) -> list[bool]:
     """Records, per call of the inference-only normalise-last path, whether it gave a result."""
@@ -78,7 +93,7 @@ def normalise_last_results(monkeypatch) -> list[bool]:
     return results
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"causal": True}, {"cross": True}, {"mask": True}])
+@pytest.mark.parametrize("kwargs", VARIANTS)
 def test_inference_divides_by_the_row_sums_after_the_values(normalise_last_results, kwargs):
     """Without autograd the explicit path computes exp(S) [V, 1] and divides last: the same numbers
     as the fused kernel, in the same (B, N, D) layout, with masks, causality and cross-attention."""
@@ -87,12 +102,7 @@ def test_inference_divides_by_the_row_sums_after_the_values(normalise_last_resul
     explicit = MultiHeadAttention(DIM, HEADS, attn_impl="explicit").eval()
     explicit.load_state_dict(fused.state_dict())
     x, context = torch.randn(3, 9, DIM), torch.randn(3, 6, DIM)
-    call = {"causal": kwargs.get("causal", False)}
-    if kwargs.get("cross") or kwargs.get("mask"):
-        call["context"] = context
-    if kwargs.get("mask"):
-        call["mask"] = torch.rand(3, 1, 9, 6) > 0.4
-        call["mask"][..., 0] = True
+    call = variant_call(kwargs, context, mask_heads=1)
     with torch.inference_mode():
         want, got = fused(x, **call), explicit(x, **call)
     assert normalise_last_results == [True]
@@ -141,7 +151,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(layers, "TILE_BYTES", 1)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"causal": True}, {"cross": True}, {"mask": True}])
+@pytest.mark.parametrize("kwargs", VARIANTS)
 def test_tiled_gradients_equal_the_explicit_paths(small_tiles, kwargs):
     """The tiled path's hand-written backward against autograd through the explicit path."""
     torch.manual_seed(0)
@@ -149,12 +159,7 @@ def test_tiled_gradients_equal_the_explicit_paths(small_tiles, kwargs):
     tiled = MultiHeadAttention(DIM, HEADS, attn_impl="tiled")
     tiled.load_state_dict(explicit.state_dict())
     x, context = torch.randn(3, 9, DIM), torch.randn(3, 6, DIM)
-    call = {"causal": kwargs.get("causal", False)}
-    if kwargs.get("cross") or kwargs.get("mask"):
-        call["context"] = context
-    if kwargs.get("mask"):
-        call["mask"] = torch.rand(3, HEADS, 9, 6) > 0.4
-        call["mask"][..., 0] = True
+    call = variant_call(kwargs, context, mask_heads=HEADS)
     grads = []
     for module in (explicit, tiled):
         inputs = [x.clone().requires_grad_(), context.clone().requires_grad_()]
