@@ -152,10 +152,9 @@ def _attention_normalised_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             exp_scores.view(B, H, N, M).masked_fill_(~allowed, 0.0)
         weighted = torch.bmm(exp_scores, values_and_ones.view(B * H, M, Dh + 1)).view(B, H, N, Dh + 1)
         del exp_scores
-        # Broadcasting a divisor over rows of Dh = 16 has no vectorised bf16 kernel on the CPU; in
-        # fp32 the division runs about 5x faster, the upcast copy included.
-        weighted = weighted.float()
-        inverse_sums = weighted[..., Dh:].reciprocal()  # (B, H, N, 1); inf where a row underflowed
+        # Multiplying by fp32 reciprocals: a bf16 divisor broadcast over rows of Dh = 16 has no
+        # vectorised CPU kernel and runs about 5x slower.
+        inverse_sums = weighted[..., Dh:].float().reciprocal()  # (B, H, N, 1); inf where a row underflowed
         if not (torch.isfinite(weighted.sum()) and inverse_sums.amax() <= 1 / _MIN_EXP_ROW_SUM):
             return None
         out = torch.empty(B, N, H, Dh, dtype=dtype, device=q.device).transpose(1, 2)
