@@ -265,11 +265,12 @@ def _choose_attention_path(q: torch.Tensor) -> str:
       peak memory (explicit, which stores the probabilities, needs 1.24-1.67x). From 197 tokens
       (vit_tiny) no path is reliably faster than the fused kernel (explicit 0.97-1.03x at 1.16x
       the memory, tiled 0.97-0.98x). With 1 thread fused wins.
-    * bf16: the fused CPU kernel is slow, its backward above all. Explicit: vit_cifar 3.0-3.4x /
-      1.33-1.53x, vit_mnist 3.8-4.1x / 1.16-1.23x, vit_tiny (197 tokens, Dh 64) 1.43-1.47x /
-      1.24-1.35x; tiled is 5-20% slower than explicit here (many small bf16 matmuls) but needs
-      no more memory than fused (``attn_impl='tiled'``). Attention alone at 577 tokens loses with
-      narrow heads (Dh 16: 0.9x / 0.5x, Dh 32: 1.0x / 0.65x) but not with Dh 64 (1.8x / 2.0x).
+    * bf16: the fused CPU kernel is slow, its backward above all. Explicit (train / inference):
+      vit_cifar 2.9-3.1x / 1.36-1.40x, vit_mnist 3.9-4.4x / 1.46-1.72x, vit_tiny (197 tokens,
+      Dh 64) 1.40-1.45x / 1.30-1.34x; tiled is 5-30% slower than explicit here (many small bf16
+      matmuls) but needs no more memory than fused (``attn_impl='tiled'``). Attention alone at
+      577 tokens loses with narrow heads (Dh 16: 0.9x / 0.66x) and wins with wide ones (Dh 32:
+      1.0x / 1.5x, Dh 64: 1.8x / 1.85x); the rule keeps Dh 32 on fused for training's sake.
     * fp16: explicit runs at 0.2-0.7x (this CPU has no fast fp16 matmul).
     """
     if q.device.type != "cpu":
@@ -297,7 +298,9 @@ class MultiHeadAttention(nn.Module):
 
     Three paths give the same numbers (``attn_impl``): ``'fused'``, torch's
     ``scaled_dot_product_attention`` kernel; ``'explicit'``, the steps above as written,
-    which can return the attention weights; ``'tiled'``, the same steps a few images at a
+    which can return the attention weights (at inference, when no weights are asked for, it
+    divides by softmax's row sums after the value product instead:
+    :func:`_attention_normalised_last`); ``'tiled'``, the same steps a few images at a
     time with the probabilities recomputed in backward (:class:`TiledAttention`), which
     needs no more memory than the fused kernel. ``'auto'`` (default) takes the fastest
     for the device, dtype and sequence (:func:`_choose_attention_path`); requesting the
