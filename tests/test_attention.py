@@ -323,5 +323,7 @@ def test_bad_construction_is_named():
         MultiHeadAttention(30, 4)
     with pytest.raises(ValueError, match="attn_impl"):
         MultiHeadAttention(32, 4, attn_impl="flash")
+    with pytest.raises(ValueError, match="got 'Fused'"):  # also when changed on a built module
+        MultiHeadAttention(32, 4).attn_impl = "Fused"
     with pytest.raises(ValueError, match=r"expected x of shape \(B, N, 32\)"):
         MultiHeadAttention(32, 4)(torch.randn(2, 5, 16))

@@ -131,9 +131,9 @@ def _attention_normalised_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     to V makes the one matmul ``E [V, 1]`` return the row sums too (accumulated in fp32 by the
     GEMM). The softmax kernel's max and sum over each short row are skipped: on the CPU they
     cost far more than the matmuls (bf16, vit_mnist's 50 keys: 1.1 ms against 0.12 ms for
-    ``q k^T``), and N*Dh divisions replace N*M. Without the
-    row maximum subtracted exp may overflow, or a row may underflow: then ``None`` is returned and
-    the caller computes the ordinary softmax, so the result never depends on the logits' range.
+    ``q k^T``), and N*Dh divisions replace N*M. Without the row maximum subtracted exp may
+    overflow, or a row may underflow: then ``None`` is returned and the caller computes the
+    ordinary softmax, so the result never depends on the logits' range.
     """
     B, H, N, Dh = q.shape
     M = k.shape[-2]
@@ -325,8 +325,6 @@ class MultiHeadAttention(nn.Module):
                 f"embed_dim {dim} is not divisible by num_heads {num_heads}; "
                 f"each head needs an equal share of the embedding"
             )
-        if attn_impl not in ("auto", "fused", "explicit", "tiled"):
-            raise ValueError(f"attn_impl must be 'auto', 'fused', 'explicit' or 'tiled', got {attn_impl!r}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -339,6 +337,17 @@ class MultiHeadAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    @property
+    def attn_impl(self) -> AttentionImpl:
+        """'auto', 'fused', 'explicit' or 'tiled'; may be changed on a built model."""
+        return self._attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, value: AttentionImpl) -> None:
+        if value not in ("auto", "fused", "explicit", "tiled"):
+            raise ValueError(f"attn_impl must be 'auto', 'fused', 'explicit' or 'tiled', got {value!r}")
+        self._attn_impl = value
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         """``(B, N, D) -> (B, H, N, Dh)``"""
@@ -423,14 +432,16 @@ class MultiHeadAttention(nn.Module):
             # Python loop over tiles into its graph for one batch size (compilers fuse the
             # explicit path their own way).
             path = "explicit"
-        attn = out = None
         if (path == "explicit" and not return_attention and dropout_p == 0
                 and not _records_graph(q, k, v) and not _traced()):
             # Inference needs no probabilities; a tracer cannot follow the range check's branch.
+            path = "normalised_last"
+        attn = None
+        if path == "normalised_last":
             out = _attention_normalised_last(q, k, v, allowed, self.scale)
-        if out is not None:
-            pass  # done above
-        elif path == "explicit":
+            if out is None:  # exp left the float range: the max-subtracted softmax below
+                path = "explicit"
+        if path == "explicit":
             scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, M)
             if allowed is not None:
                 scores = scores.masked_fill(~allowed, float("-inf"))
@@ -441,7 +452,7 @@ class MultiHeadAttention(nn.Module):
                 attn = None
         elif path == "tiled":
             out = TiledAttention.apply(q, k, v, allowed, self.scale, not _records_graph(q, k, v))
-        else:
+        elif path == "fused":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
 
         del q, k, v  # the (B, N, 3D) projection they view is not needed any more: free it before proj
