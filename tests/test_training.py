@@ -268,3 +268,16 @@ def test_predict_prints_top_k_for_each_image(tmp_path):
     assert len(lines) == 2 and all(line.count(",") == 2 for line in lines)
     probabilities = [float(part.split()[-1]) for part in lines[0].split(": ", 1)[1].split(", ")]
     assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0001
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resetting the peak needs Linux's /proc")
+def test_peak_memory_restarts_for_each_run():
+    """Jobs of a -m sweep share one process: each reports its own peak, not the largest so far."""
+    from vit.training import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    held = torch.ones(64 * 2**20)  # 256 MiB, touched
+    before = peak_memory_mb(cpu)
+    del held
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < before - 200

@@ -116,6 +116,7 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             data_cfg.global_batch_size, devices_per_node(cfg.trainer.accelerator, cfg.trainer.devices),
             cfg.trainer.num_nodes, cfg.trainer.accumulate_grad_batches)
     device = _training_device(cfg)
+    reset_peak_memory(device)
     try:
         data_cfg = plan_data(data_cfg, available_memory(device))  # data.mode: memory, stream or auto
         dm = build_datamodule(data_cfg)
@@ -248,15 +249,41 @@ def measure_model(model: torch.nn.Module, dm: Any, batch_size: int = 64, repeats
             model(images)
             times.append(time.perf_counter() - started)
     model.train(was_training)
-    if torch.cuda.is_available() and images.is_cuda:
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:  # ru_maxrss is in KiB on Linux: the peak resident memory of this process so far
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "flops_per_image": int(counter.get_total_flops()),
         "inference_images_per_s": round(len(images) / sorted(times)[len(times) // 2], 1),
-        "peak_memory_mb": round(peak_mb, 1),
+        "peak_memory_mb": round(peak_memory_mb(images.device), 1),
     }
+
+
+_PROC_SELF = Path("/proc/self")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting this run's peak memory afresh, so that the jobs of a ``-m`` sweep, which
+    share one process, each report their own peak rather than the largest so far."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets the peak resident size (VmHWM) to the current one
+        (_PROC_SELF / "clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak counts from the start of the process
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since :func:`reset_peak_memory`: allocated CUDA memory on a GPU, the process's
+    peak resident memory on the CPU (from its start where the OS cannot reset the count)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MiB
+    try:
+        for line in (_PROC_SELF / "status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / MiB  # reported in kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MiB if sys.platform == "darwin" else peak * 1024 / MiB  # bytes on macOS, KiB elsewhere
 
 
 def _write_outputs(output_dir: Path, module: ImageClassifier, dm: Any, results: dict[str, Any], tested: bool) -> None:
