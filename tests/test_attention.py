@@ -93,10 +93,13 @@ def normalise_last_results(monkeypatch) -> list[bool]:
     return results
 
 
+@pytest.mark.parametrize("block_bytes", [layers._SCORE_BLOCK_BYTES, 1])  # all images at once; one per block
 @pytest.mark.parametrize("kwargs", VARIANTS)
-def test_inference_divides_by_the_row_sums_after_the_values(normalise_last_results, kwargs):
+def test_inference_divides_by_the_row_sums_after_the_values(normalise_last_results, kwargs, block_bytes,
+                                                            monkeypatch):
     """Without autograd the explicit path computes exp(S) [V, 1] and divides last: the same numbers
     as the fused kernel, in the same (B, N, D) layout, with masks, causality and cross-attention."""
+    monkeypatch.setattr(layers, "_SCORE_BLOCK_BYTES", block_bytes)
     torch.manual_seed(0)
     fused = MultiHeadAttention(DIM, HEADS, attn_impl="fused").eval()
     explicit = MultiHeadAttention(DIM, HEADS, attn_impl="explicit").eval()
