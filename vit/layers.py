@@ -280,8 +280,8 @@ def _choose_attention_path(q: torch.Tensor) -> str:
       (vit_tiny) no path is reliably faster than the fused kernel (explicit 0.97-1.03x at 1.16x
       the memory, tiled 0.97-0.98x). With 1 thread fused wins.
     * bf16: the fused CPU kernel is slow, its backward above all. Explicit (train / inference):
-      vit_cifar 2.9-3.1x / 1.36-1.40x, vit_mnist 3.9-4.4x / 1.46-1.72x, vit_tiny (197 tokens,
-      Dh 64) 1.40-1.45x / 1.30-1.34x; tiled is 5-30% slower than explicit here (many small bf16
+      vit_cifar 2.9-3.1x / 1.36-1.46x, vit_mnist 3.8-4.4x / 1.46-1.72x, vit_tiny (197 tokens,
+      Dh 64) 1.40-1.50x / 1.28-1.34x; tiled is 5-30% slower than explicit here (many small bf16
       matmuls) but needs no more memory than fused (``attn_impl='tiled'``). Attention alone at
       577 tokens loses with narrow heads (Dh 16: 0.9x / 0.66x) and wins with wide ones (Dh 32:
       1.0x / 1.5x, Dh 64: 1.8x / 1.85x); the rule keeps Dh 32 on fused for training's sake.
