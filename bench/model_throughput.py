@@ -47,6 +47,7 @@ Examples::
     python bench/model_throughput.py
     python bench/model_throughput.py --models vit_cifar --modes bf16 --repeats 9
     python bench/model_throughput.py --attn-impl-sweep --json sweep.json
+    python bench/model_throughput.py --models vit_tiny_patch16_224 --modes bf16 --profile 12
 """
 from __future__ import annotations
 
@@ -367,6 +368,27 @@ def _cpu_allocation_increase(fn: Callable[[], None]) -> int:
     return peak
 
 
+def print_top_operators(c: Candidate, step: Step, phase: str, steps: int, device: torch.device, top: int) -> None:
+    """Profile ``steps`` steps of one candidate and print the ``top`` operators by self time.
+
+    Shows where a phase spends its time: which kernels vit and timm share, and how much is left
+    for the attention path to win or lose.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with kineto_quiet(), profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(c)
+        synchronize(device)
+    averages = prof.key_averages()
+    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    total_ms = sum(getattr(e, sort_by) for e in averages) / 1e3
+    print(f"\n  profile: {phase} {c.label}, {steps} steps, {total_ms:.1f} ms of self time in all")
+    print(averages.table(sort_by=sort_by, row_limit=top))
+
+
 def _cuda_allocation_increase(fn: Callable[[], None], device: torch.device) -> int:
     synchronize(device)
     before = torch.cuda.memory_allocated(device)
@@ -413,6 +435,9 @@ def measure(
         for c in candidates:
             c.model.train(phase == "train")
         timing = time_alternating(candidates, step, args, device)
+        if args.profile:
+            for c in candidates:
+                print_top_operators(c, step, phase, timing.steps_per_run, device, args.profile)
         results = {
             c.label: Measurement(config, mode, phase, c.label, batch_size, timing.steps_per_run,
                                  timing.seconds[c.label], peak_memory(c, step, phase, device))
@@ -524,9 +549,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="time vit with attn_impl='fused', 'explicit' and 'tiled' next to timm and check "
                              "that 'auto' picks the faster path")
     parser.add_argument("--json", metavar="OUT", help="also write every measurement to this JSON file")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing each phase, profile one timed run of every model and print "
+                             "its N most expensive operators (torch.profiler, self time)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or (args.batch_size is not None and args.batch_size < 1):
         parser.error("--repeats and --batch-size must be >= 1, --warmup >= 0")
+    if args.profile < 0:
+        parser.error(f"--profile N must be >= 0, got {args.profile}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     return args
