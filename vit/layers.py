@@ -261,39 +261,57 @@ def _records_graph(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+# Fewest attention scores (B * H * N^2) for which the tiled path beats the fused kernel in fp32:
+# below, its per-tile calls cost more than the cache saves (inference tiles are smaller, _tiles).
+TILED_MIN_SCORES = {"train": 1 << 18, "infer": 1 << 20}
+
+
 def _choose_attention_path(q: torch.Tensor) -> str:
     """The path ``attn_impl='auto'`` takes for queries q (B, H, N, Dh): 'fused', 'explicit' or 'tiled'.
 
+    Training or inference is read from q: autograd records it (``requires_grad``) when training.
     Rule, CPU only (elsewhere the fused flash / memory-efficient kernels win):
 
-    * fp32: tiled while N <= 128 tokens and torch uses more than one thread; fused otherwise.
+    * fp32: tiled while N <= 128 tokens, torch uses more than one thread and the batch has at
+      least ``TILED_MIN_SCORES`` scores B * H * N^2 (0.26 M training, 1 M inference); fused
+      otherwise.
     * bf16: explicit while N <= 256 tokens, or at any length with heads of Dh >= 64.
     * anything else (fp16, long sequences): ``F.scaled_dot_product_attention``.
 
     Why (torch 2.14.1, 2-core AMD EPYC with avx512_bf16, 2 threads; re-check with
-    ``python bench/model_throughput.py --attn-impl-sweep``), whole-model speed against timm:
+    ``python bench/model_throughput.py --attn-impl-sweep``, at several ``--batch-size``),
+    whole-model speed against timm:
 
     * fp32: the fused kernel barely gains from a second thread at these sizes, while the
-      matmuls and softmax of a tile do. Train / inference, tiled: vit_cifar (65 tokens)
-      1.01-1.10x / 1.01-1.08x, vit_mnist (50) 1.07-1.14x / 1.05-1.11x, at the fused kernel's
-      peak memory (explicit, which stores the probabilities, needs 1.24-1.67x). From 197 tokens
-      (vit_tiny) no path is reliably faster than the fused kernel (explicit 0.97-1.03x at 1.16x
-      the memory, tiled 0.97-0.98x). With 1 thread fused wins.
+      matmuls and softmax of a tile do. Train / inference, tiled, batch 128: vit_cifar (65
+      tokens) 1.01-1.10x / 1.01-1.08x, vit_mnist (50) 1.07-1.14x / 1.05-1.12x, at the fused
+      kernel's peak memory (explicit, which stores the probabilities, needs 1.24-1.67x). Small
+      batches lose, inference above all: batch 4 tiled 0.94x / 0.91x (vit_cifar) and 1.14x /
+      0.76x (vit_mnist, where fused gives 1.27x / 0.97x); batch 16 inference 0.80-0.82x. Training
+      crosses over at batches of 8-16 (0.2-0.8 M scores; tiled 0.95-1.06x, fused 0.99-1.00x,
+      so a tie either way); inference between vit_cifar batch 16 (0.8 M, fused ahead) and
+      vit_mnist batch 128 (1.3 M, tiled ahead). From 197 tokens (vit_tiny) no path is reliably faster than
+      the fused kernel (explicit 0.97-1.03x at 1.16x the memory, tiled 0.97-0.98x). With 1
+      thread fused wins.
     * bf16: the fused CPU kernel is slow, its backward above all. Explicit (train / inference):
       vit_cifar 2.9-3.1x / 1.36-1.46x, vit_mnist 3.8-4.4x / 1.46-1.72x, vit_tiny (197 tokens,
       Dh 64) 1.40-1.50x / 1.28-1.34x; tiled is 5-30% slower than explicit here (many small bf16
       matmuls) but needs no more memory than fused (``attn_impl='tiled'``). Attention alone at
       577 tokens loses with narrow heads (Dh 16: 0.9x / 0.66x) and wins with wide ones (Dh 32:
       1.0x / 1.5x, Dh 64: 1.8x / 1.85x); the rule keeps Dh 32 on fused for training's sake.
+      The one loss seen at small batches: vit_mnist inference at batch 4 (0.86x, fused 1.02x).
     * fp16: explicit runs at 0.2-0.7x (this CPU has no fast fp16 matmul).
     """
     if q.device.type != "cpu":
         return "fused"
-    num_tokens, head_dim = q.shape[-2], q.shape[-1]
+    batch, heads, num_tokens, head_dim = q.shape
     if q.dtype == torch.bfloat16 and (num_tokens <= 256 or head_dim >= 64):
         return "explicit"
     if q.dtype == torch.float32 and num_tokens <= 128 and torch.get_num_threads() > 1:
-        return "tiled"
+        phase = "train" if _records_graph(q) else "infer"
+        # A tracer with a dynamic batch must not branch on it; it records explicit for tiled anyway.
+        if _traced() or batch * heads * num_tokens**2 >= TILED_MIN_SCORES[phase]:
+            return "tiled"
     return "fused"
 
 
