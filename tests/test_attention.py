@@ -210,6 +210,8 @@ def test_traced_tiled_attention_is_right_at_every_batch_size(small_tiles):
     (torch.float32, 4, 65, 2, True, "fused"), (torch.float32, 128, 65, 1, True, "fused"),
     (torch.float32, 128, 197, 2, True, "fused"),
     (torch.bfloat16, 2, 197, 2, False, "explicit"), (torch.bfloat16, 2, 577, 2, True, "fused"),
+    # bf16 inference of a single small image: the fused kernel's one call beats explicit's several
+    (torch.bfloat16, 1, 65, 2, False, "fused"), (torch.bfloat16, 1, 65, 2, True, "explicit"),
     (torch.float16, 128, 65, 2, True, "fused"),
 ])
 def test_auto_takes_the_path_the_benchmark_found_fastest(dtype, batch, tokens, threads, training, path,

@@ -264,6 +264,8 @@ def _records_graph(*tensors: torch.Tensor) -> bool:
 # Fewest attention scores (B * H * N^2) for which the tiled path beats the fused kernel in fp32:
 # below, its per-tile calls cost more than the cache saves (inference tiles are smaller, _tiles).
 TILED_MIN_SCORES = {"train": 1 << 18, "infer": 1 << 20}
+# The same for the explicit path in bf16 at inference (a batch of one vit_cifar image has 51 k).
+EXPLICIT_MIN_SCORES_BF16_INFERENCE = 100_000
 
 
 def _choose_attention_path(q: torch.Tensor) -> str:
@@ -275,7 +277,8 @@ def _choose_attention_path(q: torch.Tensor) -> str:
     * fp32: tiled while N <= 128 tokens, torch uses more than one thread and the batch has at
       least ``TILED_MIN_SCORES`` scores B * H * N^2 (0.26 M training, 1 M inference); fused
       otherwise.
-    * bf16: explicit while N <= 256 tokens, or at any length with heads of Dh >= 64.
+    * bf16: explicit while N <= 256 tokens, or at any length with heads of Dh >= 64; at inference
+      only from ``EXPLICIT_MIN_SCORES_BF16_INFERENCE`` scores (0.1 M), fused below.
     * anything else (fp16, long sequences): ``F.scaled_dot_product_attention``.
 
     Why (torch 2.14.1, 2-core AMD EPYC with avx512_bf16, 2 threads; re-check with
@@ -299,18 +302,23 @@ def _choose_attention_path(q: torch.Tensor) -> str:
       matmuls) but needs no more memory than fused (``attn_impl='tiled'``). Attention alone at
       577 tokens loses with narrow heads (Dh 16: 0.9x / 0.66x) and wins with wide ones (Dh 32:
       1.0x / 1.5x, Dh 64: 1.8x / 1.85x); the rule keeps Dh 32 on fused for training's sake.
-      The one loss seen at small batches: vit_mnist inference at batch 4 (0.86x, fused 1.02x).
+      Small inference batches lose: vit_mnist batch 1, 4, 8 (10-80 k scores) 0.70x, 0.86x,
+      0.97x, vit_cifar batch 1 (51 k) 0.87x, against fused 1.00-1.02x; from vit_tiny batch 1
+      (116 k: 1.05x), vit_mnist batch 16 (160 k: 1.15x) and vit_cifar batch 4 (203 k: 1.10x)
+      explicit wins. Training wins at every batch size tried (vit_cifar batch 1: 1.21x).
     * fp16: explicit runs at 0.2-0.7x (this CPU has no fast fp16 matmul).
     """
     if q.device.type != "cpu":
         return "fused"
     batch, heads, num_tokens, head_dim = q.shape
+    phase = "train" if _records_graph(q) else "infer"
+    # A tracer with a dynamic batch must not branch on its size: it gets the large-batch answer.
+    scores = float("inf") if _traced() else batch * heads * num_tokens**2
     if q.dtype == torch.bfloat16 and (num_tokens <= 256 or head_dim >= 64):
-        return "explicit"
+        if phase == "train" or scores >= EXPLICIT_MIN_SCORES_BF16_INFERENCE:
+            return "explicit"
     if q.dtype == torch.float32 and num_tokens <= 128 and torch.get_num_threads() > 1:
-        phase = "train" if _records_graph(q) else "infer"
-        # A tracer with a dynamic batch must not branch on it; it records explicit for tiled anyway.
-        if _traced() or batch * heads * num_tokens**2 >= TILED_MIN_SCORES[phase]:
+        if scores >= TILED_MIN_SCORES[phase]:
             return "tiled"
     return "fused"
 
