@@ -293,9 +293,9 @@ def _choose_attention_path(q: torch.Tensor) -> str:
       0.76x (vit_mnist, where fused gives 1.27x / 0.97x); batch 16 inference 0.80-0.82x. Training
       crosses over at batches of 8-16 (0.2-0.8 M scores; tiled 0.95-1.06x, fused 0.99-1.00x,
       so a tie either way); inference between vit_cifar batch 16 (0.8 M, fused ahead) and
-      vit_mnist batch 128 (1.3 M, tiled ahead). From 197 tokens (vit_tiny) no path is reliably faster than
-      the fused kernel (explicit 0.97-1.03x at 1.16x the memory, tiled 0.97-0.98x). With 1
-      thread fused wins.
+      vit_mnist batch 128 (1.3 M, tiled ahead). From 197 tokens (vit_tiny) no path is reliably
+      faster than the fused kernel (explicit 0.97-1.03x at 1.16x the memory, tiled 0.97-0.98x).
+      With 1 thread fused wins.
     * bf16: the fused CPU kernel is slow, its backward above all. Explicit (train / inference):
       vit_cifar 2.9-3.1x / 1.36-1.46x, vit_mnist 3.8-4.4x / 1.46-1.72x, vit_tiny (197 tokens,
       Dh 64) 1.40-1.50x / 1.28-1.34x; tiled is 5-30% slower than explicit here (many small bf16
