@@ -153,7 +153,8 @@ def _attention_normalised_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         values_and_ones[..., :Dh].copy_(v)
         values_and_ones[..., Dh].fill_(1)
         # A few images at a time through one reused buffer, so that at most _SCORE_BLOCK_BYTES of
-        # exp(S) exist at once.
+        # exp(S) exist at once. No inference cap (for_inference=False): the block replaces the
+        # whole (B, H, N, M) tensor rather than adding to it.
         weighted = torch.empty(B, H, N, Dh + 1, dtype=dtype, device=q.device)
         blocks = _tiles(scaled_q, M, for_inference=False, tile_bytes=_SCORE_BLOCK_BYTES)
         block = torch.empty((blocks[0][1] - blocks[0][0]) * H, N, M, dtype=dtype, device=q.device)
