@@ -203,20 +203,16 @@ def test_traced_tiled_attention_is_right_at_every_batch_size(small_tiles):
     torch.testing.assert_close(exported.module()(x), attn(x), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype, batch, tokens, threads, training, path", [
-    # vit_cifar's 12 heads x 65 tokens: the rule tiles fp32 from batch 32 (inference) or 8 (training)
-    (torch.float32, 128, 65, 2, False, "tiled"), (torch.float32, 32, 65, 2, False, "tiled"),
-    (torch.float32, 16, 65, 2, False, "fused"), (torch.float32, 8, 65, 2, True, "tiled"),
-    (torch.float32, 4, 65, 2, True, "fused"), (torch.float32, 128, 65, 1, True, "fused"),
-    (torch.float32, 128, 197, 2, True, "fused"),
-    (torch.bfloat16, 2, 197, 2, False, "explicit"), (torch.bfloat16, 2, 577, 2, True, "fused"),
+@pytest.mark.parametrize("dtype, batch, tokens, training, path", [
+    # fp32: the fused kernel at every size (tiled lost 7-18% in a default process)
+    (torch.float32, 128, 65, False, "fused"), (torch.float32, 128, 65, True, "fused"),
+    (torch.float32, 128, 197, True, "fused"),
+    (torch.bfloat16, 2, 197, False, "explicit"), (torch.bfloat16, 2, 577, True, "fused"),
     # bf16 inference of a single small image: the fused kernel's one call beats explicit's several
-    (torch.bfloat16, 1, 65, 2, False, "fused"), (torch.bfloat16, 1, 65, 2, True, "explicit"),
-    (torch.float16, 128, 65, 2, True, "fused"),
+    (torch.bfloat16, 1, 65, False, "fused"), (torch.bfloat16, 1, 65, True, "explicit"),
+    (torch.float16, 128, 65, True, "fused"),
 ])
-def test_auto_takes_the_path_the_benchmark_found_fastest(dtype, batch, tokens, threads, training, path,
-                                                         monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+def test_auto_takes_the_path_the_benchmark_found_fastest(dtype, batch, tokens, training, path):
     q = torch.empty(batch, 12, tokens, 16, dtype=dtype, requires_grad=training)
     assert _choose_attention_path(q) == path
 

@@ -262,44 +262,35 @@ def _records_graph(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-# Fewest attention scores (B * H * N^2) for which the tiled path beats the fused kernel in fp32:
-# below, its per-tile calls cost more than the cache saves (inference tiles are smaller, _tiles).
-TILED_MIN_SCORES = {"train": 1 << 18, "infer": 1 << 20}
-# The same for the explicit path in bf16 at inference (a batch of one vit_cifar image has 51 k).
+# Fewest attention scores (B * H * N^2) for which the explicit path beats the fused kernel in bf16
+# at inference (a batch of one vit_cifar image has 51 k).
 EXPLICIT_MIN_SCORES_BF16_INFERENCE = 100_000
 
 
 def _choose_attention_path(q: torch.Tensor) -> str:
-    """The path ``attn_impl='auto'`` takes for queries q (B, H, N, Dh): 'fused', 'explicit' or 'tiled'.
+    """The path ``attn_impl='auto'`` takes for queries q (B, H, N, Dh): 'fused' or 'explicit'.
 
     Training or inference is read from q: autograd records it (``requires_grad``) when training.
     Rule, CPU only (elsewhere the fused flash / memory-efficient kernels win):
 
-    * fp32: tiled while N <= 128 tokens, torch uses more than one thread and the batch has at
-      least ``TILED_MIN_SCORES`` scores B * H * N^2 (0.26 M training, 1 M inference); fused
-      otherwise.
     * bf16: explicit while N <= 256 tokens, or at any length with heads of Dh >= 64; at inference
       only from ``EXPLICIT_MIN_SCORES_BF16_INFERENCE`` scores (0.1 M), fused below.
-    * anything else (fp16, long sequences): ``F.scaled_dot_product_attention``.
+    * anything else (fp32, fp16, long sequences): ``F.scaled_dot_product_attention``.
 
-    Why (torch 2.14.1, 2-core AMD EPYC with avx512_bf16, 2 threads; re-check with
+    Why (torch 2.14.1, 2-core AMD EPYC with avx512_bf16; re-check with
     ``python bench/model_throughput.py --attn-impl-sweep``, at several ``--batch-size``),
     whole-model speed against timm:
 
-    * fp32: the fused kernel barely gains from a second thread at these sizes, while the
-      matmuls and softmax of a tile do. Train / inference, tiled, batch 128: vit_cifar (65
-      tokens) 1.01-1.10x / 1.01-1.08x, vit_mnist (50) 1.07-1.14x / 1.05-1.12x, at the fused
-      kernel's peak memory (explicit, which stores the probabilities, needs 1.24-1.67x). Small
-      batches lose, inference above all: batch 4 tiled 0.94x / 0.91x (vit_cifar) and 1.14x /
-      0.76x (vit_mnist, where fused gives 1.27x / 0.97x); batch 16 inference 0.80-0.82x. Training
-      crosses over at batches of 8-16 (0.2-0.8 M scores; tiled 0.95-1.06x, fused 0.99-1.00x,
-      so a tie either way); inference between vit_cifar batch 16 (0.8 M, fused ahead) and
-      vit_mnist batch 128 (1.3 M, tiled ahead). From 197 tokens (vit_tiny) no path is reliably
-      faster than the fused kernel (explicit 0.97-1.03x at 1.16x the memory, tiled 0.97-0.98x).
-      With 1 thread fused wins.
+    * fp32: no path beats the fused kernel in a process that has not called
+      ``torch.set_num_threads``. Tiled, batch 128, train / inference: vit_cifar 0.92-0.97x /
+      0.93-0.94x, vit_mnist 0.85-0.89x / 0.81-0.83x timm's speed (explicit is no better and stores
+      the probabilities). Calling ``torch.set_num_threads`` (any count) turns off MKL's dynamic
+      threading; that left vit's tiled steps as fast as before but slowed timm's fused kernel and
+      linear layers by 8-30%, so there tiled ran at 1.01-1.16x timm's speed. Choose
+      ``attn_impl='tiled'`` by hand in a process that calls it.
     * bf16: the fused CPU kernel is slow, its backward above all. Explicit (train / inference):
-      vit_cifar 2.9-3.1x / 1.36-1.46x, vit_mnist 3.8-4.4x / 1.46-1.72x, vit_tiny (197 tokens,
-      Dh 64) 1.40-1.50x / 1.28-1.34x; tiled is 5-30% slower than explicit here (many small bf16
+      vit_cifar 2.8-3.1x / 1.33-1.52x, vit_mnist 3.4-4.4x / 1.46-1.72x, vit_tiny (197 tokens,
+      Dh 64) 1.40-1.50x / 1.25-1.34x; tiled is 5-30% slower than explicit here (many small bf16
       matmuls) but needs no more memory than fused (``attn_impl='tiled'``). Attention alone at
       577 tokens loses with narrow heads (Dh 16: 0.9x / 0.66x) and wins with wide ones (Dh 32:
       1.0x / 1.5x, Dh 64: 1.8x / 1.85x); the rule keeps Dh 32 on fused for training's sake.
@@ -307,6 +298,7 @@ def _choose_attention_path(q: torch.Tensor) -> str:
       0.97x, vit_cifar batch 1 (51 k) 0.87x, against fused 1.00-1.02x; from vit_tiny batch 1
       (116 k: 1.05x), vit_mnist batch 16 (160 k: 1.15x) and vit_cifar batch 4 (203 k: 1.10x)
       explicit wins. Training wins at every batch size tried (vit_cifar batch 1: 1.21x).
+      MKL's threading mode made no consistent difference in bf16 (its matmuls run in oneDNN).
     * fp16: explicit runs at 0.2-0.7x (this CPU has no fast fp16 matmul).
     """
     if q.device.type != "cpu":
@@ -318,9 +310,6 @@ def _choose_attention_path(q: torch.Tensor) -> str:
     if q.dtype == torch.bfloat16 and (num_tokens <= 256 or head_dim >= 64):
         if phase == "train" or scores >= EXPLICIT_MIN_SCORES_BF16_INFERENCE:
             return "explicit"
-    if q.dtype == torch.float32 and num_tokens <= 128 and torch.get_num_threads() > 1:
-        if scores >= TILED_MIN_SCORES[phase]:
-            return "tiled"
     return "fused"
 
 
