@@ -38,6 +38,12 @@ process has them. ``torch.set_num_threads`` (any count) also turns off MKL's dyn
 which here slowed timm's fp32 steps (fused kernel, linear layers) by 8-30% and left vit's tiled
 path as it was: setting it for every model would measure a process users do not have.
 
+C allocator. By default each configuration trains before it infers, so inference is timed in a
+process whose glibc heap has grown and keeps freed blocks (as in validation during training).
+A process that never trains, e.g. a prediction script, starts with glibc's small thresholds: it
+gives large freed blocks back to the OS and page-faults them in again on the next call, which
+costs paths with more or larger temporaries most. ``--phases infer`` measures that process.
+
 Attention path. ``vit`` models with ``attn_impl='auto'`` choose between
 ``F.scaled_dot_product_attention`` ('fused'), matmul-softmax-matmul with the probabilities
 stored for backward ('explicit') and the same computed tile by tile and recomputed in backward
@@ -51,6 +57,7 @@ Examples::
 
     python bench/model_throughput.py
     python bench/model_throughput.py --models vit_cifar --modes bf16 --repeats 9
+    python bench/model_throughput.py --modes bf16 --phases infer    # an inference-only process
     python bench/model_throughput.py --attn-impl-sweep --json sweep.json
     python bench/model_throughput.py --models vit_tiny_patch16_224 --modes bf16 --profile 12
 """
@@ -79,6 +86,7 @@ from vit.layers import _choose_attention_path
 
 DEFAULT_MODELS = ("vit_cifar", "vit_mnist", "vit_tiny_patch16_224")
 MODES = ("fp32", "bf16")
+PHASES = ("train", "infer")
 SMALL_MODEL_BATCH = 128
 LARGE_MODEL_BATCH = 16  # 224x224 models: keeps the default run within minutes on 2 CPU cores
 MIN_RUN_SECONDS = 0.2
@@ -438,6 +446,8 @@ def measure(
     y = torch.randint(0, model.num_classes, (batch_size,), generator=generator).to(device)
     comparisons = []
     for phase, step in make_steps(x, y, mode, device).items():
+        if phase not in args.phases:
+            continue
         auto = auto_attention_path(model, batch_size, mode, phase, device)
         for c in candidates:
             c.model.train(phase == "train")
@@ -506,7 +516,7 @@ def print_summary(comparisons: Sequence[Comparison], sweep: bool) -> None:
         print(f"  {'config':<22}{'mode':<6}{'phase':<7}" + "".join(f"{p:>10}" for p in ATTENTION_PATHS)
               + f"{'fastest':>10}{'auto':>10}   (fastest: in fp32 among paths within timm's peak memory)")
         for (config, mode), group in groups.items():
-            for phase in ("train", "infer"):
+            for phase in dict.fromkeys(c.vit.phase for c in group):
                 speed = {c.vit.label: c.speed_ratio for c in group if c.vit.phase == phase}
                 c = next(c for c in group if c.vit.phase == phase)
                 mark = "" if c.faster_path in (c.auto_path, "tie") else "  <- mismatch"
@@ -523,10 +533,12 @@ def print_summary(comparisons: Sequence[Comparison], sweep: bool) -> None:
                   for p, c in by_phase.items() if c.speed_ratio < target]
         if mode == "fp32":
             misses += [f"{p} memory" for p, c in by_phase.items() if c.memory_ratio > 1.0]
-        train, infer = by_phase["train"], by_phase["infer"]
-        attn = train.auto_path if train.auto_path == infer.auto_path else f"{train.auto_path}/{infer.auto_path}"
-        print(f"  {config:<22}{mode:<6}{attn:<15}{train.speed_ratio:>6.2f}{infer.speed_ratio:>7.2f}"
-              f"{train.memory_ratio:>10.2f}{infer.memory_ratio:>10.2f}  "
+        paths = list(dict.fromkeys(c.auto_path for c in by_phase.values()))
+        train, infer = by_phase.get("train"), by_phase.get("infer")
+        speed = lambda c, width: f"{c.speed_ratio:>{width}.2f}" if c else f"{'-':>{width}}"  # noqa: E731
+        memory = lambda c: f"{c.memory_ratio:>10.2f}" if c else f"{'-':>10}"  # noqa: E731
+        print(f"  {config:<22}{mode:<6}{'/'.join(paths):<15}{speed(train, 6)}{speed(infer, 7)}"
+              f"{memory(train)}{memory(infer)}  "
               f"{'met' if not misses else 'missed: ' + ', '.join(misses)}")
 
 
@@ -548,6 +560,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: 2)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="fp32 and/or bf16 autocast (default: both)")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                        help="train and/or infer (default: both, training first); 'infer' alone "
+                             "times inference in a process that never trains (see 'C allocator')")
     parser.add_argument("--threads", type=int, default=None,
                         help="call torch.set_num_threads(THREADS) first (default: leave torch's own "
                              "setting, as in a user's process)")
@@ -583,6 +598,8 @@ def main(argv: Sequence[str] | None = None) -> list[Comparison]:
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     print(f"torch {torch.__version__}, timm {timm.__version__}; device {device.type} ({hardware}); "
           f"threads {how}, {available_cores()} cores available")
+    if "train" not in args.phases:
+        print("Phases: inference only; this process never trains (glibc's heap as a prediction script has it).")
     memory_source = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                      else "torch.profiler CPU allocator events")
     print(f"Timing: {max(args.warmup, 1)} warm-up step(s) per model, then {args.repeats} rounds "
@@ -604,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> list[Comparison]:
         for mode in args.modes:
             results = measure(config, candidates, mode, batch_size, args, device)
             paths = {c.vit.phase: c.auto_path for c in results}
-            shown = paths["train"] if len(set(paths.values())) == 1 else ", ".join(f"{p} {a}" for p, a in paths.items())
+            shown = next(iter(paths.values())) if len(set(paths.values())) == 1 else ", ".join(f"{p} {a}" for p, a in paths.items())
             print(f"\n  [{mode}] 'auto' attention path: {shown}")
             print_table(results)
             comparisons += results
