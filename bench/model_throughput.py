@@ -42,7 +42,8 @@ C allocator. By default each configuration trains before it infers, so inference
 process whose glibc heap has grown and keeps freed blocks (as in validation during training).
 A process that never trains, e.g. a prediction script, starts with glibc's small thresholds: it
 gives large freed blocks back to the OS and page-faults them in again on the next call, which
-costs paths with more or larger temporaries most. ``--phases infer`` measures that process.
+costs paths with more or larger temporaries most. ``--phases infer`` measures that process, for
+one configuration and one mode per process: fp32 steps, like training, grow the heap first.
 
 Attention path. ``vit`` models with ``attn_impl='auto'`` choose between
 ``F.scaled_dot_product_attention`` ('fused'), matmul-softmax-matmul with the probabilities
@@ -507,6 +508,11 @@ def print_table(comparisons: Sequence[Comparison]) -> None:
         print(f"  {phase}: measured faster path {c.faster_path}; 'auto' picks {c.auto_path}: {verdict}")
 
 
+def _cell(ratio: float | None, width: int) -> str:
+    """A right-aligned ratio, or '-' for a phase that was not measured."""
+    return f"{ratio:>{width}.2f}" if ratio is not None else f"{'-':>{width}}"
+
+
 def print_summary(comparisons: Sequence[Comparison], sweep: bool) -> None:
     print("\nSummary: vit/timm ratios (speed > 1: vit faster; memory < 1: vit smaller)")
     groups: dict[tuple[str, str], list[Comparison]] = {}
@@ -535,10 +541,9 @@ def print_summary(comparisons: Sequence[Comparison], sweep: bool) -> None:
             misses += [f"{p} memory" for p, c in by_phase.items() if c.memory_ratio > 1.0]
         paths = list(dict.fromkeys(c.auto_path for c in by_phase.values()))
         train, infer = by_phase.get("train"), by_phase.get("infer")
-        speed = lambda c, width: f"{c.speed_ratio:>{width}.2f}" if c else f"{'-':>{width}}"  # noqa: E731
-        memory = lambda c: f"{c.memory_ratio:>10.2f}" if c else f"{'-':>10}"  # noqa: E731
-        print(f"  {config:<22}{mode:<6}{'/'.join(paths):<15}{speed(train, 6)}{speed(infer, 7)}"
-              f"{memory(train)}{memory(infer)}  "
+        print(f"  {config:<22}{mode:<6}{'/'.join(paths):<15}"
+              f"{_cell(train and train.speed_ratio, 6)}{_cell(infer and infer.speed_ratio, 7)}"
+              f"{_cell(train and train.memory_ratio, 10)}{_cell(infer and infer.memory_ratio, 10)}  "
               f"{'met' if not misses else 'missed: ' + ', '.join(misses)}")
 
 
