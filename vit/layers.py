@@ -84,10 +84,8 @@ class PatchEmbed(nn.Module):
 TILE_BYTES = 1 << 20
 
 
-def _tiles(q: torch.Tensor, num_keys: int, for_inference: bool,
-           tile_bytes: int | None = None) -> list[tuple[int, int]]:
-    """Split the batch of q (B, H, N, Dh) into runs of images whose scores fill about ``tile_bytes``
-    (default ``TILE_BYTES``).
+def _tiles(q: torch.Tensor, num_keys: int, for_inference: bool) -> list[tuple[int, int]]:
+    """Split the batch of q (B, H, N, Dh) into runs of images whose scores fill about ``TILE_BYTES``.
 
     For inference a tile's scores are also kept under half the size of q itself, so that its
     temporaries never outweigh one (B, N, D) activation and the peak memory stays at or below the
@@ -96,8 +94,7 @@ def _tiles(q: torch.Tensor, num_keys: int, for_inference: bool,
     """
     batch, heads, num_queries, _ = q.shape
     per_image = heads * num_queries * num_keys * q.element_size()
-    tile_bytes = TILE_BYTES if tile_bytes is None else tile_bytes
-    budget = min(tile_bytes, q.numel() * q.element_size() // 2) if for_inference else tile_bytes
+    budget = min(TILE_BYTES, q.numel() * q.element_size() // 2) if for_inference else TILE_BYTES
     step = max(1, budget // per_image)
     return [(start, min(batch, start + step)) for start in range(0, batch, step)]
 
@@ -122,12 +119,14 @@ def _tile_probabilities(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor 
 # a normal float with full relative precision (the fp32 / bf16 normal range ends near 1.2e-38).
 _MIN_EXP_ROW_SUM = 1e-30
 # exp(scores) of a few images at a time in that path: 4 MiB was as fast as the whole batch at once
-# here (1 MiB was 5-15% slower) and takes vit_cifar's bf16 inference peak from 1.30x to 1.22x timm's.
+# here (1 MiB was 5-15% slower). With the copies of q, k, v made block by block too, vit_cifar's
+# bf16 inference peaks at 1.14x timm's (1.30x with neither, 1.22x with whole-batch copies).
 _SCORE_BLOCK_BYTES = 4 << 20
 
 
 def _attention_normalised_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               allowed: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+                               allowed: torch.Tensor | None, scale: float,
+                               temporary_bytes: int | None = None) -> torch.Tensor | None:
     """``softmax(q k^T * scale) v`` for inference, with softmax's division moved after the value product.
 
     q (B, H, N, Dh), k and v (B, H, M, Dh) -> (B, H, N, Dh), a view of a (B, N, H, Dh) tensor so
@@ -140,40 +139,58 @@ def _attention_normalised_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ``q k^T``), and N*Dh divisions replace N*M. Without the row maximum subtracted exp may
     overflow, or a row may underflow: then ``None`` is returned and the caller computes the
     ordinary softmax, so the result never depends on the logits' range.
+
+    A few images at a time go through reused buffers (head-major copies of q, k and [v, 1], E and
+    ``E [V, 1]``). ``temporary_bytes`` bounds them and the fp32 row sums together (at least one
+    image per block). In bf16 the multiply by fp32 reciprocals briefly adds fp32 copies of one
+    block's output on top; counting them too halved the blocks and cost vit_mnist's and vit_tiny's
+    bf16 inference 11-16% for no lower model peak. By default only E is bounded, to
+    ``_SCORE_BLOCK_BYTES``, which keeps the fewest, largest blocks, and a batch that fits one
+    block frees its copies before the output is allocated.
     """
     B, H, N, Dh = q.shape
     M = k.shape[-2]
     dtype = _compute_dtype(q, v)
+    element = dtype.itemsize
+    if temporary_bytes is None:
+        images = _SCORE_BLOCK_BYTES // (H * N * M * element)
+    else:  # what is left once the fp32 row sums of the whole batch are held
+        per_image = H * (N * M + N * Dh + M * Dh + (M + N) * (Dh + 1)) * element
+        images = (temporary_bytes - B * H * N * 4) // per_image
+    step = min(B, max(1, images))
+    empty = partial(torch.empty, dtype=dtype, device=q.device)
     with torch.autocast(q.device.type, enabled=False):
-        scaled_q = torch.empty(B, H, N, Dh, dtype=dtype, device=q.device)
-        torch.mul(q, scale, out=scaled_q)  # contiguous (B*H, N, Dh) batches for bmm, scaled on the way
-        keys = torch.empty(B, H, M, Dh, dtype=dtype, device=q.device)
-        keys.copy_(k)
-        values_and_ones = torch.empty(B, H, M, Dh + 1, dtype=dtype, device=q.device)
-        values_and_ones[..., :Dh].copy_(v)
+        out = None
+        inverse_sums = torch.empty(B, H, N, 1, dtype=torch.float32, device=q.device)
+        scaled_q, keys, values_and_ones = empty(step, H, N, Dh), empty(step, H, M, Dh), empty(step, H, M, Dh + 1)
         values_and_ones[..., Dh].fill_(1)
-        # A few images at a time through one reused buffer, so that at most _SCORE_BLOCK_BYTES of
-        # exp(S) exist at once. No inference cap (for_inference=False): the block replaces the
-        # whole (B, H, N, M) tensor rather than adding to it.
-        weighted = torch.empty(B, H, N, Dh + 1, dtype=dtype, device=q.device)
-        blocks = _tiles(scaled_q, M, for_inference=False, tile_bytes=_SCORE_BLOCK_BYTES)
-        block = torch.empty((blocks[0][1] - blocks[0][0]) * H, N, M, dtype=dtype, device=q.device)
-        for start, stop in blocks:
-            exp_scores = block[: (stop - start) * H]
-            torch.bmm(scaled_q[start:stop].flatten(0, 1), keys[start:stop].flatten(0, 1).transpose(1, 2),
-                      out=exp_scores).exp_()
+        weighted, exp_block = empty(step, H, N, Dh + 1), empty(step * H, N, M)
+        for start in range(0, B, step):
+            stop = min(B, start + step)
+            n = stop - start
+            torch.mul(q[start:stop], scale, out=scaled_q[:n])  # contiguous (n*H, N, Dh) batches for bmm
+            keys[:n].copy_(k[start:stop])
+            values_and_ones[:n, ..., :Dh].copy_(v[start:stop])
+            exp_scores = exp_block[: n * H]
+            torch.bmm(scaled_q[:n].flatten(0, 1), keys[:n].flatten(0, 1).transpose(1, 2), out=exp_scores).exp_()
             if allowed is not None:
                 block_mask = allowed[start:stop] if allowed.ndim == 4 and allowed.shape[0] > 1 else allowed
-                exp_scores.view(stop - start, H, N, M).masked_fill_(~block_mask, 0.0)
-            torch.bmm(exp_scores, values_and_ones[start:stop].flatten(0, 1), out=weighted[start:stop].flatten(0, 1))
-        del scaled_q, keys, values_and_ones, block, exp_scores
-        # Multiplying by fp32 reciprocals: a bf16 divisor broadcast over rows of Dh = 16 has no
-        # vectorised CPU kernel and runs about 5x slower.
-        inverse_sums = weighted[..., Dh:].float().reciprocal()  # (B, H, N, 1); inf where a row underflowed
-        if not (torch.isfinite(weighted.sum()) and inverse_sums.amax() <= 1 / _MIN_EXP_ROW_SUM):
+                exp_scores.view(n, H, N, M).masked_fill_(~block_mask, 0.0)
+            torch.bmm(exp_scores, values_and_ones[:n].flatten(0, 1), out=weighted[:n].flatten(0, 1))
+            if out is None:
+                if step == B:  # a single block: its inputs are freed before the output exists
+                    del scaled_q, keys, values_and_ones, exp_block, exp_scores
+                out = empty(B, N, H, Dh).transpose(1, 2)
+            # Multiplying by fp32 reciprocals: a bf16 divisor broadcast over rows of Dh = 16 has no
+            # vectorised CPU kernel and runs about 5x slower.
+            block_inverse = inverse_sums[start:stop]
+            block_inverse.copy_(weighted[:n, ..., Dh:]).reciprocal_()  # inf where a row underflowed
+            torch.mul(weighted[:n, ..., :Dh], block_inverse, out=out[start:stop])
+        # Checked once at the end: a row sum that overflowed gives a zero reciprocal, one that
+        # underflowed a huge one, and an overflowing value product a non-finite output.
+        if not (inverse_sums.amin() > 0 and inverse_sums.amax() <= 1 / _MIN_EXP_ROW_SUM
+                and torch.isfinite(out.sum())):
             return None
-        out = torch.empty(B, N, H, Dh, dtype=dtype, device=q.device).transpose(1, 2)
-        torch.mul(weighted[..., :Dh], inverse_sums, out=out)
     return out
 
 
@@ -283,17 +300,20 @@ def _choose_attention_path(q: torch.Tensor) -> str:
 
     * fp32: no path beats the fused kernel in a process that has not called
       ``torch.set_num_threads``. Tiled, batch 128, train / inference: vit_cifar 0.92-0.97x /
-      0.93-0.94x, vit_mnist 0.85-0.89x / 0.81-0.83x timm's speed (explicit is no better and stores
+      0.93-0.96x, vit_mnist 0.85-0.89x / 0.81-0.89x timm's speed (explicit is no better and stores
       the probabilities). Calling ``torch.set_num_threads`` (any count) turns off MKL's dynamic
       threading; that left vit's tiled steps as fast as before but slowed timm's fused kernel and
       linear layers by 8-30%, so there tiled ran at 1.01-1.16x timm's speed. Choose
       ``attn_impl='tiled'`` by hand in a process that calls it.
     * bf16: the fused CPU kernel is slow, its backward above all. Explicit (train / inference):
-      vit_cifar 2.8-3.1x / 1.33-1.52x, vit_mnist 3.4-4.4x / 1.46-1.72x, vit_tiny (197 tokens,
-      Dh 64) 1.40-1.50x / 1.25-1.34x; tiled is 5-30% slower than explicit here (many small bf16
-      matmuls) but needs no more memory than fused (``attn_impl='tiled'``). Attention alone at
-      577 tokens loses with narrow heads (Dh 16: 0.9x / 0.66x) and wins with wide ones (Dh 32:
-      1.0x / 1.5x, Dh 64: 1.8x / 1.85x); the rule keeps Dh 32 on fused for training's sake.
+      vit_cifar 2.8-3.2x / 1.33-1.52x, vit_mnist 3.4-4.4x / 1.46-1.72x, vit_tiny (197 tokens,
+      Dh 64) 1.40-1.50x / 1.25-1.34x. ``attn_impl='tiled'`` keeps the fused kernel's model peak:
+      training 2.83x, 3.34x, 1.33x (recomputation, many small bf16 matmuls); inference, the
+      normalise-last form with its temporaries within one activation, 1.38x, 1.31x, 1.23x against
+      explicit's 1.37x, 1.58x, 1.24x in the same run (vit_mnist's small blocks cost most).
+      Attention alone at 577 tokens loses with narrow heads (Dh 16: 0.9x / 0.66x) and wins with
+      wide ones (Dh 32: 1.0x / 1.5x, Dh 64: 1.8x / 1.85x); the rule keeps Dh 32 on fused for
+      training's sake.
       Small inference batches lose: vit_mnist batch 1, 4, 8 (10-80 k scores) 0.70x, 0.86x,
       0.97x, vit_cifar batch 1 (51 k) 0.87x, against fused 1.00-1.02x; from vit_tiny batch 1
       (116 k: 1.05x), vit_mnist batch 16 (160 k: 1.15x) and vit_cifar batch 4 (203 k: 1.10x)
@@ -331,8 +351,9 @@ class MultiHeadAttention(nn.Module):
     which can return the attention weights (at inference, when no weights are asked for, it
     divides by softmax's row sums after the value product instead:
     :func:`_attention_normalised_last`); ``'tiled'``, the same steps a few images at a
-    time with the probabilities recomputed in backward (:class:`TiledAttention`), which
-    needs no more memory than the fused kernel. ``'auto'`` (default) takes the fastest
+    time with the probabilities recomputed in backward (:class:`TiledAttention`; at
+    inference the normalise-last form, its temporaries within one (B, N, D) activation),
+    which keeps a ViT's peak memory at the fused kernel's. ``'auto'`` (default) takes the fastest
     for the device, dtype and sequence (:func:`_choose_attention_path`); requesting the
     weights always takes the explicit path.
     """
@@ -462,15 +483,17 @@ class MultiHeadAttention(nn.Module):
             # Python loop over tiles into its graph for one batch size (compilers fuse the
             # explicit path their own way).
             path = "explicit"
-        if (path == "explicit" and not return_attention and dropout_p == 0
+        attn = None
+        if (path in ("explicit", "tiled") and not return_attention and dropout_p == 0
                 and not _records_graph(q, k, v) and not _traced()):
             # Inference needs no probabilities; a tracer cannot follow the range check's branch.
-            path = "normalised_last"
-        attn = None
-        if path == "normalised_last":
-            out = _attention_normalised_last(q, k, v, allowed, self.scale)
-            if out is None:  # exp left the float range: the max-subtracted softmax below
-                path = "explicit"
+            # 'tiled' bounds the temporaries by one (B, N, D) activation, so that a ViT's peak,
+            # which its MLP sets, stays at the fused kernel's (tests/test_attention.py, the bench).
+            budget = q.numel() * _compute_dtype(q, v).itemsize if path == "tiled" else None
+            out = _attention_normalised_last(q, k, v, allowed, self.scale, budget)
+            if out is not None:
+                path = "normalised_last"
+            # else exp left the float range: the max-subtracted softmax of the path below
         if path == "explicit":
             scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, M)
             if allowed is not None:
