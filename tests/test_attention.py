@@ -347,7 +347,9 @@ def test_bad_construction_is_named():
 
 
 def allocation_peak(fn) -> int:
-    """Largest increase of bytes held by PyTorch's CPU allocator while ``fn`` runs (profiler events)."""
+    """Largest increase of bytes held by PyTorch's CPU allocator while ``fn`` runs: the peak memory
+    measure of bench/model_throughput.py (profiler allocation events), kept here so that the tests
+    do not import a script."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
