@@ -54,6 +54,12 @@ takes.
 and reports whether 'auto' picked the fastest (in fp32: the fastest within timm's peak
 memory; a tie within 3% accepts either).
 
+Ceiling. ``--attention-ceiling`` adds ``vit[no attention]``: the same model with the attention
+core (``q k^T``, softmax, the weighted sum) replaced by a copy of the values, so attention costs
+no more than writing its output. No attention path can beat its ratio to timm: when that ceiling
+is below a target, the rest of the model (linear layers, GELU, LayerNorm, the kernels vit and
+timm share) is what stands in the way, not the attention path.
+
 Examples::
 
     python bench/model_throughput.py
@@ -61,6 +67,7 @@ Examples::
     python bench/model_throughput.py --modes bf16 --phases infer    # an inference-only process
     python bench/model_throughput.py --attn-impl-sweep --json sweep.json
     python bench/model_throughput.py --models vit_tiny_patch16_224 --modes bf16 --profile 12
+    python bench/model_throughput.py --modes bf16 --attention-ceiling
 """
 from __future__ import annotations
 
@@ -74,6 +81,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -97,12 +105,14 @@ TARGET_SPEED_RATIO = {"fp32": 1.0, "bf16": 1.5}  # vit/timm throughput the packa
 MiB = 2**20
 
 ATTENTION_PATHS = ("fused", "explicit", "tiled")  # the attn_impl values besides 'auto'
+CEILING_LABEL = "vit[no attention]"
 CpuCounters = tuple[float, float, float]  # (busy s of all cores, total s of all cores, own CPU s)
 
 
 @dataclass
 class Candidate:
-    """One model under test with its optimizer; ``label`` is 'timm', 'vit' or 'vit[<attn_impl>]'."""
+    """One model under test with its optimizer; ``label`` is 'timm', 'vit', 'vit[<attn_impl>]' or
+    ``CEILING_LABEL``."""
 
     label: str
     model: nn.Module
@@ -111,6 +121,10 @@ class Candidate:
     @property
     def is_timm(self) -> bool:
         return self.label == "timm"
+
+    @property
+    def is_ceiling(self) -> bool:
+        return self.label == CEILING_LABEL
 
 
 Step = Callable[[Candidate], None]
@@ -242,8 +256,25 @@ def synchronize(device: torch.device) -> None:
 # -- models and steps -----------------------------------------------------------------------------
 
 
-def build_candidates(config: str, sweep: bool, device: torch.device) -> list[Candidate]:
-    """vit (or, for the sweep, one variant per attention path), then timm; all with one set of weights."""
+def skip_attention_core(model: nn.Module) -> nn.Module:
+    """Make every block's attention return its values ``v`` (B, N, D) in place of ``softmax(q k^T) v``.
+
+    The qkv and output projections still run; the core costs one copy of its output, less than
+    any real attention path. The logits change, so this model only bounds the speed.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        _, _, v = self._project_qkv(x, None)  # v: (B, H, N, Dh)
+        return self.proj_drop(self.proj(v.transpose(1, 2).reshape(x.shape)))
+
+    for block in model.blocks:
+        block.attn.forward = types.MethodType(forward, block.attn)
+    return model
+
+
+def build_candidates(config: str, sweep: bool, ceiling: bool, device: torch.device) -> list[Candidate]:
+    """vit (or, for the sweep, one variant per attention path), the attention-free ceiling when
+    asked, then timm; all with one set of weights."""
     reference = vit.create_model(config)
     models: dict[str, nn.Module] = {}
     if sweep:
@@ -253,6 +284,10 @@ def build_candidates(config: str, sweep: bool, device: torch.device) -> list[Can
             models[f"vit[{impl}]"] = variant
     else:
         models["vit"] = reference
+    if ceiling:
+        bound = vit.create_model(config)
+        bound.load_state_dict(reference.state_dict())
+        models[CEILING_LABEL] = skip_attention_core(bound)
     models["timm"] = vit.to_timm(reference)
     candidates = []
     for label, model in models.items():
@@ -300,14 +335,15 @@ def make_steps(x: torch.Tensor, y: torch.Tensor, mode: str, device: torch.device
 
 
 def check_same_logits(candidates: Sequence[Candidate], x: torch.Tensor) -> str:
-    """Every vit candidate's fp32 eval logits must match timm's; returns a one-line report."""
+    """Every vit candidate's fp32 eval logits must match timm's (the ceiling is exempt); returns a
+    one-line report."""
     for c in candidates:
         c.model.eval()
     reports = []
     with torch.no_grad():
         expected = next(c for c in candidates if c.is_timm).model(x)
         for c in candidates:
-            if c.is_timm:
+            if c.is_timm or c.is_ceiling:
                 continue
             diff = (c.model(x) - expected).abs().max().item()
             if not diff < LOGITS_TOLERANCE:
@@ -516,10 +552,15 @@ def _cell(ratio: float | None, width: int) -> str:
 def print_summary(comparisons: Sequence[Comparison], sweep: bool) -> None:
     print("\nSummary: vit/timm ratios (speed > 1: vit faster; memory < 1: vit smaller)")
     groups: dict[tuple[str, str], list[Comparison]] = {}
+    ceiling: dict[tuple[str, str, str], float] = {}  # (config, mode, phase) -> the no-attention ratio
     for c in comparisons:
-        groups.setdefault((c.vit.config, c.vit.mode), []).append(c)
+        if c.vit.label == CEILING_LABEL:
+            ceiling[c.vit.config, c.vit.mode, c.vit.phase] = c.speed_ratio
+        else:
+            groups.setdefault((c.vit.config, c.vit.mode), []).append(c)
     if sweep:
         print(f"  {'config':<22}{'mode':<6}{'phase':<7}" + "".join(f"{p:>10}" for p in ATTENTION_PATHS)
+              + (f"{'ceiling':>10}" if ceiling else "")
               + f"{'fastest':>10}{'auto':>10}   (fastest: in fp32 among paths within timm's peak memory)")
         for (config, mode), group in groups.items():
             for phase in dict.fromkeys(c.vit.phase for c in group):
@@ -527,23 +568,33 @@ def print_summary(comparisons: Sequence[Comparison], sweep: bool) -> None:
                 c = next(c for c in group if c.vit.phase == phase)
                 mark = "" if c.faster_path in (c.auto_path, "tie") else "  <- mismatch"
                 print(f"  {config:<22}{mode:<6}{phase:<7}" + "".join(f"{speed[f'vit[{p}]']:>10.2f}" for p in ATTENTION_PATHS)
+                      + (_cell(ceiling.get((config, mode, phase)), 10) if ceiling else "")
                       + f"{c.faster_path:>10}{c.auto_path:>10}{mark}")
         return
     print(f"  {'config':<22}{'mode':<6}{'attn':<15}{'train':>6}{'infer':>7}{'train mem':>10}{'infer mem':>10}"
-          f"  targets: speed >= {TARGET_SPEED_RATIO['fp32']:g} (fp32), >= {TARGET_SPEED_RATIO['bf16']:g} (bf16); "
+          + (f"{'ceiling':>14}" if ceiling else "")
+          + f"  targets: speed >= {TARGET_SPEED_RATIO['fp32']:g} (fp32), >= {TARGET_SPEED_RATIO['bf16']:g} (bf16); "
           f"fp32 memory <= 1")
     for (config, mode), group in groups.items():
         by_phase = {c.vit.phase: c for c in group}
         target = TARGET_SPEED_RATIO[mode]
-        misses = [f"{p} speed" + (f" (within {TIE_MARGIN:.0%})" if c.speed_ratio >= target * (1 - TIE_MARGIN) else "")
-                  for p, c in by_phase.items() if c.speed_ratio < target]
+        misses = []
+        for p, c in by_phase.items():
+            if c.speed_ratio < target:
+                bound = ceiling.get((config, mode, p))
+                notes = ([f"within {TIE_MARGIN:.0%}"] if c.speed_ratio >= target * (1 - TIE_MARGIN) else []) + (
+                    [f"ceiling {bound:.2f} < {target:g}: out of any attention path's reach"]
+                    if bound is not None and bound < target else [])
+                misses.append(f"{p} speed" + (f" ({'; '.join(notes)})" if notes else ""))
         if mode == "fp32":
             misses += [f"{p} memory" for p, c in by_phase.items() if c.memory_ratio > 1.0]
         paths = list(dict.fromkeys(c.auto_path for c in by_phase.values()))
         train, infer = by_phase.get("train"), by_phase.get("infer")
+        bounds = (_cell(ceiling.get((config, mode, "train")), 7) + _cell(ceiling.get((config, mode, "infer")), 7)
+                  if ceiling else "")
         print(f"  {config:<22}{mode:<6}{'/'.join(paths):<15}"
               f"{_cell(train and train.speed_ratio, 6)}{_cell(infer and infer.speed_ratio, 7)}"
-              f"{_cell(train and train.memory_ratio, 10)}{_cell(infer and infer.memory_ratio, 10)}  "
+              f"{_cell(train and train.memory_ratio, 10)}{_cell(infer and infer.memory_ratio, 10)}{bounds}  "
               f"{'met' if not misses else 'missed: ' + ', '.join(misses)}")
 
 
@@ -578,6 +629,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attn-impl-sweep", action="store_true",
                         help="time vit with attn_impl='fused', 'explicit' and 'tiled' next to timm and check "
                              "that 'auto' picks the faster path")
+    parser.add_argument("--attention-ceiling", action="store_true",
+                        help=f"also time {CEILING_LABEL!r}, vit with the attention core skipped: the most any "
+                             "attention path could gain")
     parser.add_argument("--json", metavar="OUT", help="also write every measurement to this JSON file")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing each phase, profile one timed run of every model and print "
@@ -616,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> list[Comparison]:
     started, start_counters = time.perf_counter(), cpu_counters()
     comparisons: list[Comparison] = []
     for config in args.models:
-        candidates = build_candidates(config, args.attn_impl_sweep, device)
+        candidates = build_candidates(config, args.attn_impl_sweep, args.attention_ceiling, device)
         model = candidates[0].model
         batch_size = args.batch_size or default_batch_size(model)
         timm_path = "fused" if getattr(candidates[-1].model.blocks[0].attn, "fused_attn", False) else "explicit"
