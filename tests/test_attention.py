@@ -212,18 +212,28 @@ def test_traced_tiled_attention_is_right_at_every_batch_size(small_tiles):
     torch.testing.assert_close(exported.module()(x), attn(x), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype, batch, tokens, training, path", [
+@pytest.mark.parametrize("amx", [False, True], ids=["no_amx", "amx"])
+@pytest.mark.parametrize("dtype, batch, tokens, training, path, path_with_amx", [
     # fp32: the fused kernel at every size (tiled ran at 0.81-0.97x timm in a default process)
-    (torch.float32, 128, 65, False, "fused"), (torch.float32, 128, 65, True, "fused"),
-    (torch.float32, 128, 197, True, "fused"),
-    (torch.bfloat16, 2, 197, False, "explicit"), (torch.bfloat16, 2, 577, True, "fused"),
+    (torch.float32, 128, 65, False, "fused", "fused"), (torch.float32, 128, 65, True, "fused", "fused"),
+    (torch.float32, 128, 197, True, "fused", "fused"),
+    # bf16 training: explicit, with or without AMX (the fused backward is slow on every CPU tried)
+    (torch.bfloat16, 128, 65, True, "explicit", "explicit"), (torch.bfloat16, 2, 577, True, "fused", "fused"),
+    # bf16 inference: explicit without AMX; with AMX the fused kernel won
+    (torch.bfloat16, 2, 197, False, "explicit", "fused"), (torch.bfloat16, 128, 65, False, "explicit", "fused"),
     # bf16 inference of a single small image: the fused kernel's one call beats explicit's several
-    (torch.bfloat16, 1, 65, False, "fused"), (torch.bfloat16, 1, 65, True, "explicit"),
-    (torch.float16, 128, 65, True, "fused"),
+    (torch.bfloat16, 1, 65, False, "fused", "fused"), (torch.bfloat16, 1, 65, True, "explicit", "explicit"),
+    (torch.float16, 128, 65, True, "fused", "fused"),
 ])
-def test_auto_takes_the_path_the_benchmark_found_fastest(dtype, batch, tokens, training, path):
+def test_auto_takes_the_path_the_benchmark_found_fastest(monkeypatch, amx, dtype, batch, tokens, training, path,
+                                                          path_with_amx):
+    monkeypatch.setattr(layers, "_cpu_has_amx_bf16", lambda: amx)
     q = torch.empty(batch, 12, tokens, 16, dtype=dtype, requires_grad=training)
-    assert _choose_attention_path(q) == path
+    assert _choose_attention_path(q) == (path_with_amx if amx else path)
+
+
+def test_amx_is_read_from_torchs_cpu_capabilities():
+    assert layers._cpu_has_amx_bf16() is bool(torch.cpu.get_capabilities().get("amx_bf16", False))
 
 
 def test_self_attention_matches_torch_multihead_attention(attn):

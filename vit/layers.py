@@ -10,7 +10,7 @@ packages without renaming; see :mod:`vit.timm_interop`.
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import cache, partial
 from typing import Literal, Sequence
 
 import torch
@@ -280,8 +280,15 @@ def _records_graph(*tensors: torch.Tensor) -> bool:
 
 
 # Fewest attention scores (B * H * N^2) for which the explicit path beats the fused kernel in bf16
-# at inference (a batch of one vit_cifar image has 51 k).
+# at inference on a CPU without AMX (a batch of one vit_cifar image has 51 k).
 EXPLICIT_MIN_SCORES_BF16_INFERENCE = 100_000
+
+
+@cache
+def _cpu_has_amx_bf16() -> bool:
+    """True on CPUs with AMX bf16 tiles (Intel Sapphire Rapids and later), where oneDNN's bf16
+    kernels, the fused attention's among them, run on the matrix unit."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
 
 
 def _choose_attention_path(q: torch.Tensor) -> str:
@@ -290,11 +297,23 @@ def _choose_attention_path(q: torch.Tensor) -> str:
     Training or inference is read from q: autograd records it (``requires_grad``) when training.
     Rule, CPU only (elsewhere the fused flash / memory-efficient kernels win):
 
-    * bf16: explicit while N <= 256 tokens, or at any length with heads of Dh >= 64; at inference
-      only from ``EXPLICIT_MIN_SCORES_BF16_INFERENCE`` scores (0.1 M), fused below.
+    * bf16 training: explicit while N <= 256 tokens, or at any length with heads of Dh >= 64.
+    * bf16 inference, same lengths: on a CPU without AMX, explicit from
+      ``EXPLICIT_MIN_SCORES_BF16_INFERENCE`` scores (0.1 M), fused below; with AMX, fused.
     * anything else (fp32, fp16, long sequences): ``F.scaled_dot_product_attention``.
 
-    Why (torch 2.14.1, 2-core AMD EPYC with avx512_bf16; re-check with
+    Why with AMX (torch 2.14.1, 2-core Intel Xeon (Sapphire Rapids) with amx_bf16; re-check
+    with ``python bench/model_throughput.py --attn-impl-sweep --modes bf16``), whole-model
+    speed against timm, bf16: training as without AMX, explicit 3.4x (vit_cifar), 4.2x
+    (vit_mnist), 1.36x (vit_tiny) against fused's 0.97-1.00x: the fused backward stays slow.
+    At inference the fused kernel is fast there (timm's bf16 inference ran 0.87-2.9x its fp32 speed)
+    and explicit no longer wins: in inference-only processes (``--phases infer``, 11 rounds) fused
+    0.89-0.98x, explicit 0.89-0.92x, tiled 0.78-0.91x; after training, in one process, over two
+    sweeps, fused 0.96-1.07x, explicit 0.87-1.16x, tiled 0.79-1.11x. The fused kernel is timm's
+    own, so its ratio is the noise; explicit tied for 16-dim heads (its sign changed between
+    processes) and lost for vit_tiny's 64-dim heads every time (0.87-0.92x).
+
+    Why without AMX (torch 2.14.1, 2-core AMD EPYC with avx512_bf16; re-check with
     ``python bench/model_throughput.py --attn-impl-sweep``, at several ``--batch-size``),
     whole-model speed against timm:
 
@@ -328,7 +347,9 @@ def _choose_attention_path(q: torch.Tensor) -> str:
     # A tracer with a dynamic batch must not branch on its size: it gets the large-batch answer.
     scores = float("inf") if _traced() else batch * heads * num_tokens**2
     if q.dtype == torch.bfloat16 and (num_tokens <= 256 or head_dim >= 64):
-        if phase == "train" or scores >= EXPLICIT_MIN_SCORES_BF16_INFERENCE:
+        if phase == "train":
+            return "explicit"
+        if not _cpu_has_amx_bf16() and scores >= EXPLICIT_MIN_SCORES_BF16_INFERENCE:
             return "explicit"
     return "fused"
 
