@@ -14,10 +14,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
+import vit
 from vit.config import model_config_yaml, register_configs
 from vit.errors import ConfigError
 from vit.registry import list_models
-from vit.training import run
+from vit.training import count_forward_flops, run
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = str(REPO / "data")
@@ -281,3 +282,13 @@ def test_peak_memory_restarts_for_each_run():
     del held
     reset_peak_memory(cpu)
     assert peak_memory_mb(cpu) < before - 200
+
+
+@pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
+def test_flops_per_image_count_attention_on_every_path(attn_impl):
+    """vit_mnist by hand: patch conv 100,352 + 6 blocks x (qkv 1,228,800 + W^O 409,600 + MLP 1,638,400
+    + attention 640,000) + head 1,280. The CPU's fused kernel has no formula in torch's counter."""
+    model = vit.create_model("vit_mnist", attn_impl=attn_impl).eval()
+    images = torch.randn(1, 1, 28, 28)
+    with torch.inference_mode() if attn_impl == "fused" else torch.enable_grad():  # explicit: the textbook path
+        assert count_forward_flops(model, images) == 23_602_432

@@ -233,15 +233,35 @@ def _check_memory(cfg: DictConfig, module: ImageClassifier, dm: Any, device: tor
     check_batch_fits(estimate, available, cfg.data.batch_size, precision)
 
 
+def _sdpa_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: Any,
+                **kwargs: Any) -> int:
+    """FLOPs of attention on q (B, H, N, Dh), k (B, H, M, Dh), v (B, H, M, Dv): the two matmuls,
+    ``q k^T`` and the weighted sum of v, counted as torch counts its CUDA attention kernels."""
+    batch, heads, queries, head_dim = query_shape
+    keys, value_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (head_dim + value_dim)
+
+
+# torch's FlopCounterMode has no formula for the CPU's fused attention kernel and would count it as
+# zero, which dropped attention from flops_per_image whenever the fused path ran on a CPU.
+_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
+def count_forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """FLOPs of one forward pass over ``images`` (B, C, H, W), whichever attention path runs."""
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+        model(images)
+    return int(counter.get_total_flops())
+
+
 def measure_model(model: torch.nn.Module, dm: Any, batch_size: int = 64, repeats: int = 3) -> dict[str, Any]:
-    """FLOPs per image (forward, counted by torch's FlopCounterMode), inference images/s
-    (median of a few timed forwards of one batch) and the process's peak memory."""
+    """FLOPs per image (forward, :func:`count_forward_flops`), inference images/s (median of a few
+    timed forwards of one batch) and the process's peak memory."""
     images = next(iter(dm.test_dataloader()))[0][:batch_size].to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        with FlopCounterMode(display=False) as counter:
-            model(images[:1])
+        flops = count_forward_flops(model, images[:1])
         model(images)  # warm-up
         times = []
         for _ in range(repeats):
@@ -250,7 +270,7 @@ def measure_model(model: torch.nn.Module, dm: Any, batch_size: int = 64, repeats
             times.append(time.perf_counter() - started)
     model.train(was_training)
     return {
-        "flops_per_image": int(counter.get_total_flops()),
+        "flops_per_image": flops,
         "inference_images_per_s": round(len(images) / sorted(times)[len(times) // 2], 1),
         "peak_memory_mb": round(peak_memory_mb(images.device), 1),
     }
