@@ -6,7 +6,8 @@ import timm
 import torch
 
 import vit
-from vit.layers import PatchEmbed, resample_position_embedding, sincos_2d_position_embedding
+from vit.layers import PatchEmbed
+from vit.pos_embed import resample_position_embedding, sincos_2d_position_embedding
 
 TIMM_PARAMETER_COUNTS = {
     "vit_tiny_patch16_224": 5_717_416,
@@ -99,8 +100,10 @@ def test_explicit_and_fused_models_agree():
     explicit.load_state_dict(fused.state_dict())
     x = torch.randn(4, 3, 32, 32)
     assert (fused(x) - explicit(x)).abs().max() < 1e-5
-    with torch.inference_mode():  # without autograd the explicit path normalises after the values
+    with torch.inference_mode():
         assert (fused(x) - explicit(x)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="attn_impl must be one of 'auto', 'explicit', 'fused', got 'tiled'"):
+        small_vit(attn_impl="tiled")
 
 
 def test_gradients_reach_every_parameter():

@@ -28,7 +28,7 @@ from lightning.pytorch.accelerators import AcceleratorRegistry, CUDAAccelerator,
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 
 from vit.errors import ConfigError
-from vit.layers import Block
+from vit.model import Block
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig

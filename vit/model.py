@@ -15,15 +15,57 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from vit.layers import (
-    AttentionImpl,
-    Block,
-    LayerNorm,
-    PatchEmbed,
-    grid_from_length,
-    resample_position_embedding,
-    sincos_2d_position_embedding,
-)
+from vit.attention import AttentionImpl, MultiHeadAttention
+from vit.layers import DropPath, LayerNorm, LayerScale, Mlp, PatchEmbed
+from vit.pos_embed import grid_from_length, resample_position_embedding, sincos_2d_position_embedding
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer encoder block; (B, N, D) -> (B, N, D).
+
+    ``x = x + DropPath(LayerScale(Attention(LayerNorm(x))))``
+    ``x = x + DropPath(LayerScale(Mlp(LayerNorm(x))))``
+
+    Normalising before each branch (not after, as the original Transformer did) keeps an
+    identity path from input to output, which lets deep stacks train without warm-up tricks.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        attn_impl: AttentionImpl = "auto",
+    ) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop,
+                                       proj_drop=proj_drop, attn_impl=attn_impl)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> (B, N, D), and the attention weights (B, H, N, N) when asked."""
+        if return_attention:
+            attended, weights = self.attn(self.norm1(x), return_attention=True)
+            x = x + self.drop_path1(self.ls1(attended))
+        else:
+            x, weights = x + self.drop_path1(self.ls1(self.attn(self.norm1(x)))), None
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return (x, weights) if return_attention else x
 
 
 class VisionTransformer(nn.Module):
@@ -47,7 +89,7 @@ class VisionTransformer(nn.Module):
         proj_drop_rate: dropout after attention output projection and in the MLP.
         attn_drop_rate: dropout on the attention probabilities.
         drop_path_rate: stochastic depth, rising linearly from 0 to this value over the blocks.
-        attn_impl: ``'auto'`` (fastest exact path for the device and dtype), ``'fused'``, ``'explicit'`` or ``'tiled'`` (see MultiHeadAttention).
+        attn_impl: ``'auto'``, ``'explicit'`` or ``'fused'`` (see :class:`vit.attention.MultiHeadAttention`).
     """
 
     def __init__(
@@ -124,9 +166,10 @@ class VisionTransformer(nn.Module):
         # deeper blocks drop more: 0 for the first, drop_path_rate for the last
         drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, proj_drop_rate, attn_drop_rate,
-                  drop_path_rates[i], init_values, attn_impl)
-            for i in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                  proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=rate, init_values=init_values,
+                  attn_impl=attn_impl)
+            for rate in drop_path_rates
         ])
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim)
@@ -189,8 +232,8 @@ class VisionTransformer(nn.Module):
         x = self._embed(x)
         maps = []
         for block in self.blocks:
-            x, attn = block(x, return_attention=True)
-            maps.append(attn)
+            x, weights = block(x, return_attention=True)
+            maps.append(weights)
         return maps
 
     # -- resolution changes -----------------------------------------------------------------------
