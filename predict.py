@@ -1,5 +1,6 @@
 """Top-k classes of images: ``python predict.py ckpt_path=RUN/checkpoints/last.ckpt images=[a.png,b.jpg]``
-(a folder works too: ``images=[photos/]``). A thin Hydra entry point over ``vit.predict``."""
+(a folder works too: ``images=[photos/]``; ``ckpt_path`` may also be a ``.safetensors`` file written
+by ``vit.export``). A thin Hydra entry point over ``vit.inference`` and ``vit.predict``."""
 import sys
 
 import hydra
@@ -7,7 +8,7 @@ from omegaconf import DictConfig
 
 from vit.errors import UserError
 from vit.predict import expand_image_paths, predict_files
-from vit.training import load_classifier
+from vit.inference import load_classifier
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

@@ -1,7 +1,8 @@
 """What a ViT attends to: ``python visualize.py ckpt_path=RUN/checkpoints/last.ckpt images=[a.png,b.jpg] out=DIR``
 writes ``DIR/<image stem>_attention.png`` per image: the class-token attention of every head at
-the chosen ``layers`` and the attention rollout, over the image. A thin Hydra entry point over
-``vit.attention_maps``."""
+the chosen ``layers`` and the attention rollout, over the image. ``ckpt_path`` may also be a
+``.safetensors`` file written by ``vit.export``. A thin Hydra entry point over ``vit.inference``
+and ``vit.attention_maps``."""
 import sys
 from typing import Any
 
@@ -11,7 +12,7 @@ from omegaconf import DictConfig, ListConfig
 from vit.attention_maps import write_attention_figures
 from vit.errors import UserError
 from vit.predict import expand_image_paths
-from vit.training import load_classifier
+from vit.inference import load_classifier
 
 
 def _as_list(value: Any) -> list:

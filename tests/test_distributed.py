@@ -26,9 +26,10 @@ from vit.config import DistributedConfig
 from vit.data import build_datamodule
 from vit.distributed import build_strategy, devices_per_node, per_device_batch_size
 from vit.errors import ConfigError
-from vit.layers import Block
+from vit.inference import load_classifier
+from vit.model import Block
 from vit.registry import create_model
-from vit.training import load_classifier, run
+from vit.training import run
 
 JOB_TIMEOUT_S = 120  # a job that takes longer has hung: fail the test instead of waiting
 

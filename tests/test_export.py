@@ -15,18 +15,9 @@ import torch
 
 import vit
 from vit.errors import CheckpointError
-from vit.export import (
-    ExportError,
-    export,
-    export_onnx,
-    load_any,
-    load_weights,
-    read_metadata,
-    run_exported,
-    save_weights,
-)
+from vit.export import ExportError, export, export_onnx, run_exported, save_weights
+from vit.inference import load_classifier, load_weights, read_metadata
 from vit.lightning_module import ImageClassifier
-from vit.training import load_classifier
 
 from test_training import REPO
 from test_visualize import tiny_checkpoints
@@ -78,7 +69,8 @@ def test_safetensors_round_trip_is_exact_and_holds_no_pickle(tmp_path, checkpoin
     restored = load_weights(path)
     assert isinstance(restored, ImageClassifier) and not restored.training
     assert torch.equal(pytorch_logits(restored, digits), pytorch_logits(module, digits))
-    assert torch.equal(pytorch_logits(load_any(path), digits), pytorch_logits(module, digits))  # what the CLI reads
+    # what predict.py, visualize.py and vit.export read when given the file as ckpt_path
+    assert torch.equal(pytorch_logits(load_classifier(path), digits), pytorch_logits(module, digits))
 
 
 def test_a_bare_model_saves_with_its_config_and_bad_files_are_refused(tmp_path, digits):

@@ -18,7 +18,8 @@ import vit
 from vit.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
 from vit.errors import CheckpointError, ConfigError
 from vit.lightning_module import NonFiniteLossError
-from vit.training import load_classifier, run
+from vit.inference import load_classifier
+from vit.training import run
 
 from test_training import EMBEDDED, REPO, compose_train, quick, train_py
 

@@ -18,7 +18,8 @@ import vit
 from vit.config import model_config_yaml, register_configs
 from vit.errors import ConfigError
 from vit.registry import list_models
-from vit.training import count_forward_flops, run
+from vit.measure import count_forward_flops, peak_memory_mb, reset_peak_memory
+from vit.training import run
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = str(REPO / "data")
@@ -189,7 +190,7 @@ def test_weight_decay_groups_survive_wrapping_that_renames_and_flattens_paramete
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     import vit
-    from vit.layers import Block
+    from vit.model import Block
     from vit.lightning_module import no_weight_decay_names, split_weight_decay
 
     model = vit.create_model("vit_mnist", depth=1)
@@ -274,8 +275,6 @@ def test_predict_prints_top_k_for_each_image(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resetting the peak needs Linux's /proc")
 def test_peak_memory_restarts_for_each_run():
     """Jobs of a -m sweep share one process: each reports its own peak, not the largest so far."""
-    from vit.training import peak_memory_mb, reset_peak_memory
-
     cpu = torch.device("cpu")
     held = torch.ones(64 * 2**20)  # 256 MiB, touched
     before = peak_memory_mb(cpu)

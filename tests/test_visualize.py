@@ -147,3 +147,31 @@ def test_visualize_refuses_a_cnn_checkpoint_with_one_message(tmp_path, checkpoin
     assert "attention maps need a ViT" in done.stderr and "linear_mnist" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_exported_safetensors_weights_serve_as_ckpt_path(tmp_path, checkpoints, digit_pngs):
+    """predict.py and visualize.py read the weights file vit.export writes as they read a checkpoint."""
+    from vit.export import save_weights
+    from vit.inference import load_classifier
+    from vit.predict import predict_files
+
+    module = load_classifier(checkpoints["vit_mnist"])
+    weights = save_weights(module, tmp_path / "vit.safetensors")
+    images = f"images=[{','.join(map(str, digit_pngs))}]"
+
+    done = subprocess.run([sys.executable, str(REPO / "predict.py"), f"ckpt_path={weights}", images, "top_k=3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = predict_files(module, digit_pngs, top_k=3)  # from the checkpoint, in this process
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(expected)
+    for line, (path, ranked) in zip(lines, expected):
+        printed_path, printed = line.split(": ", 1)
+        pairs = [item.rsplit(" ", 1) for item in printed.split(", ")]
+        assert printed_path == str(path) and [name for name, _ in pairs] == [name for name, _ in ranked]
+        assert [float(p) for _, p in pairs] == pytest.approx([p for _, p in ranked], abs=1e-3)
+
+    out = tmp_path / "figures"
+    done = visualize_py(f"ckpt_path={weights}", images, f"out={out}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(out / f"{p.stem}_attention.png") for p in digit_pngs]

@@ -255,7 +255,7 @@ def write_attention_figures(
     from PIL import UnidentifiedImageError
 
     from vit.errors import ConfigError, UserError
-    from vit.export import NormalizedClassifier
+    from vit.inference import NormalizedClassifier
     from vit.predict import load_image
 
     model = module.model

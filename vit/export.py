@@ -6,12 +6,13 @@ Formats (``format=``):
 
 * ``safetensors``: the model's tensors, and in the file's metadata (plain JSON strings) everything
   needed to rebuild it: model name, constructor arguments, class names, the dataset's mean and
-  std. Nothing is pickled; :func:`load_weights` rebuilds the :class:`ImageClassifier`.
+  std. Nothing is pickled; :func:`vit.inference.load_classifier` rebuilds the :class:`ImageClassifier`.
 * ``onnx``: a graph from float images in [0, 1] of shape ``(N, C, H, W)``, any ``N``, to logits
-  ``(N, num_classes)``; the dataset's normalisation is part of the graph (:class:`NormalizedClassifier`),
-  so a caller only scales pixels to [0, 1]. Opset 18. Two exporters work for every model here,
-  including the ViT's fused ``scaled_dot_product_attention`` path (checked under onnxruntime
-  against PyTorch to 1e-4 at batch sizes 1 and 7, see tests/test_export.py):
+  ``(N, num_classes)``; the dataset's normalisation is part of the graph
+  (:class:`vit.inference.NormalizedClassifier`), so a caller only scales pixels to [0, 1].
+  Opset 18. Two exporters work for every model here, including the ViT's fused
+  ``scaled_dot_product_attention`` path (checked under onnxruntime against PyTorch to 1e-4 at
+  batch sizes 1 and 7, see tests/test_export.py):
 
   - ``exporter=dynamo`` (``torch.onnx.export(dynamo=True)``, built on ``torch.export``): PyTorch's
     default and maintained exporter since 2.9; needs the ``onnxscript`` package. Preferred.
@@ -35,14 +36,14 @@ import logging
 import sys
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from vit.errors import CheckpointError, UserError
+from vit.errors import UserError
+from vit.inference import WEIGHTS_METADATA, NormalizedClassifier, load_classifier, load_weights
 from vit.lightning_module import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -57,54 +58,10 @@ ONNX_OPSET = 18
 TOLERANCE = 1e-4
 # Protobuf cannot hold more than 2 GiB; above this the ONNX weights go to a side file.
 _ONNX_INLINE_LIMIT_BYTES = 1_800_000_000
-# Keys every weights file carries; values are JSON except model_name, a plain string.
-_REQUIRED_METADATA = ("model_name", "model_kwargs", "class_names", "mean", "std")
 
 
 class ExportError(UserError):
     """An export that cannot be produced, or whose file does not reproduce the model."""
-
-
-class NormalizedClassifier(nn.Module):
-    """Images in [0, 1] ``(N, C, H, W)`` -> logits ``(N, num_classes)``.
-
-    Applies the dataset's normalisation ``(x - mean) / std``, the same as
-    :func:`vit.predict.predict_files`, then the model, so an exported graph needs no
-    preprocessing beyond scaling pixels to [0, 1].
-
-    Args:
-        model: the network, taking normalised images.
-        mean, std: per-channel statistics, length C.
-        input_shape: ``(C, H, W)`` the model expects.
-    """
-
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 input_shape: tuple[int, int, int]) -> None:
-        super().__init__()
-        if len(mean) != input_shape[0] or len(std) != input_shape[0]:
-            raise ValueError(f"mean {list(mean)} and std {list(std)} need one value per channel "
-                             f"({input_shape[0]})")
-        self.model = model
-        self.input_shape = tuple(input_shape)
-        # Buffers, not constants: they move with .to(device) and appear as initialisers in ONNX.
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    @classmethod
-    def from_classifier(cls, module: ImageClassifier) -> "NormalizedClassifier":
-        """The classifier's network with the normalisation and input size stored in its hparams."""
-        hp = module.hparams
-        size = hp.model_kwargs.get("img_size", 224)
-        height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        in_chans = int(hp.model_kwargs.get("in_chans", 3))
-        return cls(module.model, hp.mean, hp.std, (in_chans, height, width))
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W)`` in [0, 1] -> the normalised input of the model, same shape."""
-        return (images - self.mean) / self.std
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(images))
 
 
 # -- safetensors --------------------------------------------------------------------------------------
@@ -122,7 +79,8 @@ def save_weights(module_or_model: ImageClassifier | nn.Module, path: str | Path,
 
     Returns:
         ``path`` as a Path. The metadata holds ``model_name`` as a string and the other entries
-        as JSON, so any safetensors reader can recover the configuration.
+        as JSON, so any safetensors reader can recover the configuration;
+        :func:`vit.inference.load_classifier` rebuilds the classifier from it.
     """
     from safetensors.torch import save_file
 
@@ -132,8 +90,8 @@ def save_weights(module_or_model: ImageClassifier | nn.Module, path: str | Path,
         config = dict(module_or_model.hparams)
         model = module_or_model.model
     else:
-        if config is None or any(key not in config for key in _REQUIRED_METADATA):
-            raise TypeError(f"a bare model needs config with {', '.join(_REQUIRED_METADATA)}")
+        if config is None or any(key not in config for key in WEIGHTS_METADATA):
+            raise TypeError(f"a bare model needs config with {', '.join(WEIGHTS_METADATA)}")
         model = module_or_model
     metadata = {"model_name": str(config["model_name"])}
     for key in ("model_kwargs", "class_names", "mean", "std", "optim", "loss"):
@@ -146,60 +104,6 @@ def save_weights(module_or_model: ImageClassifier | nn.Module, path: str | Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return path
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The configuration stored by :func:`save_weights`, decoded from JSON."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path.resolve()}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = handle.metadata() or {}
-    except Exception as error:  # not a safetensors file, or a truncated one
-        raise CheckpointError(f"cannot read {path} as safetensors: {error}") from error
-    missing = [key for key in _REQUIRED_METADATA if key not in raw]
-    if missing:
-        raise CheckpointError(f"{path} was not written by vit.export.save_weights: its metadata lacks "
-                              f"{', '.join(missing)}")
-    try:
-        return {key: value if key in ("model_name", "format") else json.loads(value) for key, value in raw.items()}
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: metadata is not valid JSON ({error})") from error
-
-
-def load_weights(path: str | Path) -> ImageClassifier:
-    """Rebuild the classifier written by :func:`save_weights`: ``vit.create_model(name, **kwargs)``
-    with the stored tensors, in eval mode. Files without optimiser or loss settings get the
-    training defaults for those, which only matter for further training."""
-    from safetensors.torch import load_file
-
-    from vit.checkpoints import check_compatible
-    from vit.config import LossConfig, OptimConfig
-
-    path = Path(path)
-    meta = read_metadata(path)
-    hparams = {key: meta[key] for key in _REQUIRED_METADATA}
-    hparams["optim"] = meta.get("optim", asdict(OptimConfig()))
-    hparams["loss"] = meta.get("loss", asdict(LossConfig()))
-    try:
-        module = ImageClassifier(**hparams)
-    except ValueError as error:
-        raise CheckpointError(f"{path}: the stored configuration does not build a model: {error}") from error
-    tensors = load_file(str(path))
-    check_compatible(tensors, module.model, path)
-    module.model.load_state_dict(tensors)
-    return module.eval()
-
-
-def load_any(path: str | Path) -> ImageClassifier:
-    """A classifier from a training checkpoint (``.ckpt``) or a ``.safetensors`` weights file."""
-    from vit.training import load_classifier
-
-    path = Path(path)
-    return load_weights(path) if path.suffix == ".safetensors" else load_classifier(path)
 
 
 def _plain(value: Any) -> Any:
@@ -380,7 +284,7 @@ def _main(cfg: Any) -> None:
     out = Path(cfg.out) if cfg.out else ckpt.with_suffix(SUFFIXES[fmt])
     if out.resolve() == ckpt.resolve():
         raise ExportError(f"out={out} would overwrite the checkpoint; choose another path")
-    report = export(load_any(ckpt), fmt, out, cfg.exporter, cfg.opset, cfg.verify)
+    report = export(load_classifier(ckpt), fmt, out, cfg.exporter, cfg.opset, cfg.verify)
     details = [f"exporter {report['exporter']}"] if "exporter" in report else []
     if "max_abs_diff" in report:
         details.append(f"max |difference| vs PyTorch {report['max_abs_diff']:.2g}")
@@ -390,8 +294,9 @@ def _main(cfg: Any) -> None:
 def main() -> None:
     import hydra
 
-    @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"),
-                config_name="export")
+    from vit.conf_dir import conf_dir
+
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="export")
     def entry(cfg: Any) -> None:
         try:
             _main(cfg)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from vit.export import NormalizedClassifier  # the normalisation an exported graph applies too
+from vit.inference import NormalizedClassifier  # the normalisation an exported graph applies too
 from vit.lightning_module import ImageClassifier
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}

@@ -7,9 +7,7 @@ the confusion matrix. Only global rank zero writes files other than checkpoints.
 from __future__ import annotations
 
 import logging
-import resource
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,17 +17,18 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
 
 from vit.callbacks import EpochSummary, TestCurve, TrainingClock
 from vit.config import TrainConfig, TrainerConfig, model_kwargs
-from vit.data import DataConfig, build_datamodule
+from vit.data import DataConfig, build_datamodule, plan_data
 from vit.distributed import (SameRunDirectory, StopAllRanksOnError, build_strategy, devices_per_node,
                              keep_file_logs_on_rank_zero, per_device_batch_size)
 from vit.checkpoints import AtomicCheckpointIO, check_compatible, load_checkpoint, resolve_ckpt_path
 from vit.errors import ConfigError
+from vit.inference import classifier_from_checkpoint
 from vit.lightning_module import ImageClassifier
-from vit.preflight import MiB, available_memory, check_batch_fits, estimate_training_memory, plan_data
+from vit.measure import measure_model, reset_peak_memory
+from vit.preflight import MiB, available_memory, check_batch_fits, estimate_training_memory
 from vit.reports import plot_confusion_matrix, plot_curves, write_results
 
 log = logging.getLogger(__name__)
@@ -82,17 +81,6 @@ def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock, dm: A
         loggers.append(TensorBoardLogger(save_dir=output_dir, name="tensorboard", version=""))
     return L.Trainer(**trainer_args, default_root_dir=output_dir, logger=loggers, callbacks=callbacks,
                      plugins=[AtomicCheckpointIO()])
-
-
-def load_classifier(ckpt_path: str | Path) -> ImageClassifier:
-    """Rebuild the classifier from a checkpoint without unpickling arbitrary objects."""
-    return classifier_from_checkpoint(load_checkpoint(Path(ckpt_path)))
-
-
-def classifier_from_checkpoint(checkpoint: dict[str, Any]) -> ImageClassifier:
-    module = ImageClassifier(**checkpoint["hyper_parameters"])
-    module.load_state_dict(checkpoint["state_dict"])
-    return module
 
 
 def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +153,7 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
 
     results = _results(cfg, name, module, num_parameters, dm, trainer, clock, test_metrics)
-    results.update(measure_model(_whole_model(trainer, module), dm))
+    results.update(_measure(_whole_model(trainer, module), dm))
     if cfg.test:  # gathers every rank's counts (a collective, so all ranks take part); rank zero reuses the cached value
         module.test_confusion.compute()
     if trainer.is_global_zero:
@@ -180,6 +168,13 @@ def _whole_model(trainer: L.Trainer, module: ImageClassifier) -> torch.nn.Module
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return trainer.model if isinstance(trainer.model, FullyShardedDataParallel) else module.model
+
+
+def _measure(model: torch.nn.Module, dm: Any, batch_size: int = 64) -> dict[str, Any]:
+    """FLOPs per image, inference images/s and peak memory (:func:`vit.measure.measure_model`),
+    measured on the first ``batch_size`` images of the test set, on the model's device."""
+    images = next(iter(dm.test_dataloader()))[0][:batch_size]
+    return measure_model(model, images.to(next(model.parameters()).device))
 
 
 def _results(cfg: DictConfig, name: str, module: ImageClassifier, num_parameters: int, dm: Any, trainer: L.Trainer,
@@ -231,81 +226,6 @@ def _check_memory(cfg: DictConfig, module: ImageClassifier, dm: Any, device: tor
     available = available_memory(device) // max(local_processes, 1)
     log.info("pre-flight: a training step needs about %s; %s MiB free", estimate.describe(), f"{available / MiB:,.0f}")
     check_batch_fits(estimate, available, cfg.data.batch_size, precision)
-
-
-def _sdpa_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: Any,
-                **kwargs: Any) -> int:
-    """FLOPs of attention on q (B, H, N, Dh), k (B, H, M, Dh), v (B, H, M, Dv): the two matmuls,
-    ``q k^T`` and the weighted sum of v, counted as torch counts its CUDA attention kernels."""
-    batch, heads, queries, head_dim = query_shape
-    keys, value_dim = key_shape[-2], value_shape[-1]
-    return 2 * batch * heads * queries * keys * (head_dim + value_dim)
-
-
-# torch's FlopCounterMode has no formula for the CPU's fused attention kernel and would count it as
-# zero, which dropped attention from flops_per_image whenever the fused path ran on a CPU.
-_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-
-
-def count_forward_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
-    """FLOPs of one forward pass over ``images`` (B, C, H, W), attention included on the fused and
-    explicit paths. The normalise-last inference form (explicit or tiled attention without grad)
-    multiplies by [V, 1] and so counts 2*B*H*N*M more per layer (0.5% for vit_mnist)."""
-    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
-        model(images)
-    return int(counter.get_total_flops())
-
-
-def measure_model(model: torch.nn.Module, dm: Any, batch_size: int = 64, repeats: int = 3) -> dict[str, Any]:
-    """FLOPs per image (forward, :func:`count_forward_flops`), inference images/s (median of a few
-    timed forwards of one batch) and the process's peak memory."""
-    images = next(iter(dm.test_dataloader()))[0][:batch_size].to(next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        flops = count_forward_flops(model, images[:1])
-        model(images)  # warm-up
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            model(images)
-            times.append(time.perf_counter() - started)
-    model.train(was_training)
-    return {
-        "flops_per_image": flops,
-        "inference_images_per_s": round(len(images) / sorted(times)[len(times) // 2], 1),
-        "peak_memory_mb": round(peak_memory_mb(images.device), 1),
-    }
-
-
-_PROC_SELF = Path("/proc/self")
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start counting this run's peak memory afresh, so that the jobs of a ``-m`` sweep, which
-    share one process, each report their own peak rather than the largest so far."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 to clear_refs resets the peak resident size (VmHWM) to the current one
-        (_PROC_SELF / "clear_refs").write_text("5")
-    except OSError:
-        pass  # elsewhere the peak counts from the start of the process
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory since :func:`reset_peak_memory`: allocated CUDA memory on a GPU, the process's
-    peak resident memory on the CPU (from its start where the OS cannot reset the count)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MiB
-    try:
-        for line in (_PROC_SELF / "status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / MiB  # reported in kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MiB if sys.platform == "darwin" else peak * 1024 / MiB  # bytes on macOS, KiB elsewhere
 
 
 def _write_outputs(output_dir: Path, module: ImageClassifier, dm: Any, results: dict[str, Any], tested: bool) -> None:
