@@ -451,3 +451,44 @@ def test_accepts_omegaconf_configs():
     dm = build_datamodule(OmegaConf.create({"name": "cifar2", "classes": ["dog", "cat"], "source": "npz",
                                             "path": "x.npz"}))
     assert dm.num_classes == 2 and dm.cfg.classes == ["dog", "cat"]
+
+
+# ---------------------------------------------------------------- module layout
+
+
+def _data_module_imports() -> dict[str, set[str]]:
+    """Every vit.data module and the vit.data modules it imports, at any level (a function's
+    lazy import counts: it runs sooner or later)."""
+    import ast
+
+    folder = REPO / "vit" / "data"
+    names = {("vit.data" if p.stem == "__init__" else f"vit.data.{p.stem}"): p for p in folder.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {alias.name for alias in node.names if alias.name in names}
+            elif isinstance(node, ast.ImportFrom) and node.module in names:
+                assert node.level == 0, f"{path}: relative import"
+                submodules = {f"{node.module}.{alias.name}" for alias in node.names} & set(names)
+                edges |= submodules or {node.module}
+        graph[name] = edges - {name}
+    return graph
+
+
+def test_data_modules_import_each_other_without_a_cycle():
+    graph = _data_module_imports()
+    assert "vit.data.streaming" in graph["vit.data.factory"]  # lazy imports are seen
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name not in done:
+            for imported in sorted(graph[name]):
+                visit(imported, path + [name])
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])

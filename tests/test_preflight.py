@@ -47,7 +47,7 @@ def test_auto_mode_streams_a_dataset_that_would_not_fit(tmp_path):
 
     from test_training import REPO, compose_train
     from vit.data import DataConfig
-    from vit.preflight import estimated_dataset_bytes, plan_data
+    from vit.data.plan import estimated_dataset_bytes, plan_data
     from vit.training import run
 
     root = tmp_path / "data"
@@ -68,7 +68,7 @@ def test_auto_mode_streams_a_dataset_that_would_not_fit(tmp_path):
 
 def test_npz_size_is_read_from_the_headers(datasets_root):
     from vit.data import DataConfig
-    from vit.preflight import estimated_dataset_bytes
+    from vit.data.plan import estimated_dataset_bytes
 
     cfg = DataConfig(name="cifar10", source="npz", path=str(datasets_root / "cifar10_jpeg_subset.npz"), mode="auto")
     images_and_labels = 20_000 * 32 * 32 * 3 + 20_000 * 8  # x_train + x_test uint8, y_train + y_test int64

@@ -11,7 +11,8 @@ import torch
 
 from vit.checkpoints import load_checkpoint
 from vit.data import build_datamodule
-from vit.data.shards import check_name, main
+from vit.data.shard_format import check_name
+from vit.data.shards import main
 from vit.training import run
 
 from test_training import compose_train, quick
@@ -235,6 +236,13 @@ def test_converter_refuses_bad_arguments(shards, tmp_path, capsys):
     assert main(["data=mnist5k", f"data.root={EMBEDDED}", f"out={shards}"]) == 1
     assert "not empty; pass overwrite=true" in capsys.readouterr().err
     assert main(["data=nope", f"out={tmp_path / 'x'}"]) == 1 and "available:" in capsys.readouterr().err
+    # Unknown keys are usage errors, named; a value of the wrong type is named by Hydra's schema.
+    assert main(["data=mnist5k", "colour=red", f"out={tmp_path / 'x'}"]) == 2
+    assert "unknown argument 'colour'" in capsys.readouterr().err
+    assert main(["data=mnist5k", "data.colour=red", f"out={tmp_path / 'x'}"]) == 2
+    assert "unknown data option 'data.colour'" in capsys.readouterr().err
+    assert main(["data=mnist5k", "data.batch_size=many", f"out={tmp_path / 'x'}"]) == 1
+    assert "data.batch_size=many" in capsys.readouterr().err and not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="data=shards needs data.path"):
         build_datamodule(name="shards")
     with pytest.raises(FileNotFoundError, match="meta.json"):

@@ -15,6 +15,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from vit.conf_dir import conf_dir
 from vit.data import DataConfig
 from vit.registry import get_model_spec, list_models
 
@@ -192,17 +193,17 @@ def model_config_yaml(name: str) -> str:
     return header + yaml.safe_dump(values, sort_keys=False)
 
 
-def write_model_configs(conf_dir: Path) -> list[Path]:
+def write_model_configs(folder: Path) -> list[Path]:
     """(Re)write one model config per registered model."""
-    (conf_dir / "model").mkdir(parents=True, exist_ok=True)
+    (folder / "model").mkdir(parents=True, exist_ok=True)
     paths = []
     for name in list_models():
-        path = conf_dir / "model" / f"{name}.yaml"
+        path = folder / "model" / f"{name}.yaml"
         path.write_text(model_config_yaml(name))
         paths.append(path)
     return paths
 
 
 if __name__ == "__main__":
-    for written in write_model_configs(Path(__file__).resolve().parents[1] / "conf"):
+    for written in write_model_configs(conf_dir()):
         print(written)

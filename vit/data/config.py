@@ -61,7 +61,7 @@ class DataConfig:
         (None: litdata's default cache); local shards are read in place.
     mode: "memory" loads in-memory datasets whole; "stream" converts them once to shards under
         ``ROOT/shards/`` and streams those; "auto" streams when the dataset would take more than
-        ``memory_fraction`` of the free memory (see ``vit.preflight``). Image folders and shards
+        ``memory_fraction`` of the free memory (see ``vit.data.plan``). Image folders and shards
         are always read as they are used.
     shuffle_seed: for shards, the seed of the streamed training order, which also changes with
         every epoch (None: the run's seed, ``torch.initial_seed()``).

@@ -1,4 +1,4 @@
-"""Lightning datamodules for every dataset name in ``DATASET_NAMES``, built by ``build_datamodule``.
+"""Lightning datamodules for every dataset name in ``DATASET_NAMES`` (``vit.data.factory`` picks one).
 
 Three kinds share one base class (loaders, sizes, checks):
 
@@ -20,13 +20,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from vit.data.arrays import BatchTransform, TensorImageDataset, passthrough_collate, train_val_indices
-from vit.data.config import DataConfig, resolve_config
+from vit.data.config import DataConfig
 from vit.data.embedded import load_mnist5k
 from vit.data.errors import DatasetNotFoundError
 from vit.data.folder import (ImageFileDataset, check_images, eval_transform, find_classes, list_samples, randaugment,
@@ -253,19 +253,3 @@ class ImageFolderDataModule(VisionDataModule):
             if label not in left:
                 raise ValueError(f"class folder {split_dir / name} holds no readable images")
         return good
-
-
-def build_datamodule(cfg: DataConfig | Mapping[str, Any] | None = None, **overrides: Any) -> VisionDataModule:
-    """The datamodule for ``cfg`` (a DataConfig, a dict or an OmegaConf DictConfig of its fields).
-
-    ``overrides`` replace single fields: ``build_datamodule(name="mnist", root="data")``.
-    Raises ValueError for an unknown dataset name or an invalid option.
-    """
-    resolved = resolve_config(cfg, **overrides)
-    if resolved.name == "shards":
-        from vit.data.streaming import ShardDataModule  # imports litdata: only when shards are asked for
-
-        return ShardDataModule(resolved)
-    if resolved.name == "imagefolder":
-        return ImageFolderDataModule(resolved)
-    return ArrayDataModule(resolved)

@@ -2,12 +2,10 @@
 
     python -m vit.data.shards data=mnist data.root=DIR out=SHARDS [chunk_bytes=16MB] [overwrite=true]
 
-``data=NAME`` picks ``conf/data/NAME.yaml`` and ``data.KEY=VALUE`` overrides apply, as for
-``train.py``; every split of that dataset, as its datamodule builds them (``val_fraction``,
-``split_seed``, ``max_train_samples`` included), is written under SHARDS:
-
-    meta.json            what a datamodule needs before reading a sample (``ShardMeta``)
-    train/ val/ test/    one litdata dataset each: index.json + chunk-*.bin
+The arguments are Hydra overrides, composed as for ``train.py``: ``data=NAME`` picks
+``conf/data/NAME.yaml`` and ``data.KEY=VALUE`` overrides apply. Every split of that dataset, as
+its datamodule builds them (``val_fraction``, ``split_seed``, ``max_train_samples`` included), is
+written under SHARDS in the layout of ``vit.data.shard_format``.
 
 A sample is ``{"id": int, "label": int, "image": ...}``: ``id`` is its index in the source split;
 ``image`` is uint8 (C, H, W) at native size for in-memory datasets ("raw"), or, for image folders,
@@ -19,174 +17,41 @@ must already be a random draw (a class-sorted folder would otherwise give one-cl
 
 Shards live on local disk or, once copied there (e.g. ``aws s3 sync SHARDS s3://bucket/x``), on
 object storage that litdata reads (s3://, gs://, azure://).
-
-Reading is guarded by ``check_index``: an index.json is refused unless every chunk name is a plain
-file name (no absolute path, no '..', no separator: litdata joins it to a folder and, for object
-storage, writes the download there) and its serializers are data-only (litdata can also unpickle).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from itertools import islice
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Protocol, Sequence
 
+import hydra
 import numpy as np
 import torch
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from vit.conf_dir import conf_dir
 from vit.data.config import DataConfig, resolve_config
-from vit.data.datamodules import ArrayDataModule, ImageFolderDataModule, VisionDataModule, build_datamodule
+from vit.data.datamodules import ArrayDataModule, ImageFolderDataModule, VisionDataModule
+from vit.data.factory import build_datamodule
 from vit.data.folder import load_rgb
+from vit.data.shard_format import META_FILE, SPLITS, ShardMeta
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-META_FILE = "meta.json"
-INDEX_FILE = "index.json"
-FORMAT = "vit-shards"
-FORMAT_VERSION = 1
-ENCODINGS: tuple[str, ...] = ("raw", "jpeg")
 DEFAULT_CHUNK_BYTES = "16MB"
 JPEG_QUALITY = 95
-# The serializers our samples need (ints, uint8 arrays, JPEG bytes). litdata also has "pickle",
-# which would run code from the chunk files, so an index asking for anything else is refused.
-SAFE_DATA_FORMATS = frozenset({"int", "numpy", "bytes"})
-SAFE_SPEC_TYPES = frozenset({None, "builtins.dict"})  # the sample is one flat dict
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 USAGE = ("usage: python -m vit.data.shards data=NAME [data.KEY=VALUE ...] out=DIR "
          f"[chunk_bytes={DEFAULT_CHUNK_BYTES}] [overwrite=false]")
-
-
-# -- the format ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ShardMeta:
-    """The facts ``meta.json`` holds: what the dataset is, before any sample is read.
-
-    image_size is the side of the stored (square) images; crop_padding and flip are the
-    source dataset's train-time augmentation; splits maps each split to its sample count.
-    """
-
-    dataset: str
-    class_names: list[str]
-    in_chans: int
-    image_size: int
-    encoding: str
-    mean: list[float]
-    std: list[float]
-    crop_padding: int
-    flip: bool
-    splits: dict[str, int]
-
-    def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **asdict(self)}, indent=2) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str, where: str) -> "ShardMeta":
-        """Parse and check a meta.json; ValueError naming ``where`` and the bad entry."""
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where} is not valid JSON: {error}") from error
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise ValueError(f"{where} is not a {FORMAT} meta file (written by `python -m vit.data.shards`)")
-        if raw.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{where} has format version {raw.get('version')!r}; this vit reads {FORMAT_VERSION}")
-
-        def need(ok: bool, key: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"{where}: '{key}' must be {what}, got {raw.get(key)!r}")
-
-        def positive_int(key: str) -> bool:
-            return type(raw.get(key)) is int and raw[key] > 0
-
-        names, splits = raw.get("class_names"), raw.get("splits")
-        need(isinstance(raw.get("dataset"), str), "dataset", "a string")
-        need(isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names),
-             "class_names", "a list of at least two strings")
-        need(positive_int("in_chans"), "in_chans", "a positive integer")
-        need(positive_int("image_size"), "image_size", "a positive integer")
-        need(raw.get("encoding") in ENCODINGS, "encoding", f"one of {ENCODINGS}")
-        for key in ("mean", "std"):
-            value = raw.get(key)
-            need(isinstance(value, list) and len(value) == raw["in_chans"]
-                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
-                 key, f"{raw['in_chans']} numbers")
-        need(type(raw.get("crop_padding")) is int and raw["crop_padding"] >= 0, "crop_padding", "an integer >= 0")
-        need(isinstance(raw.get("flip"), bool), "flip", "true or false")
-        need(isinstance(splits, dict) and set(splits) == set(SPLITS)
-             and all(type(n) is int and n >= 0 for n in splits.values()),
-             "splits", f"a sample count for each of {', '.join(SPLITS)}")
-        return cls(dataset=raw["dataset"], class_names=names, in_chans=raw["in_chans"],
-                   image_size=raw["image_size"], encoding=raw["encoding"], mean=[float(v) for v in raw["mean"]],
-                   std=[float(v) for v in raw["std"]], crop_padding=raw["crop_padding"], flip=raw["flip"],
-                   splits=dict(splits))
-
-
-def check_name(name: Any, where: str) -> str:
-    """``name`` if it is a plain file name that stays inside the folder it is joined to.
-
-    Refused: non-strings, empty names, '.', '..', absolute paths (POSIX or Windows), any path
-    separator (so no '..' component can hide inside) and NUL bytes.
-    """
-    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
-            or PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive):
-        raise ValueError(f"{where}: refusing the file name {name!r}: a shard index may only name plain files "
-                         f"inside its own folder (no absolute path, no '..', no separator)")
-    return name
-
-
-def check_index(index: Any, where: str) -> int:
-    """Check a litdata index.json (parsed) before litdata reads any chunk; returns its sample count.
-
-    ValueError, naming ``where``, for an unsafe chunk file name (see ``check_name``), a serializer
-    other than ``SAFE_DATA_FORMATS``, a sample structure other than a flat dict, compression or
-    encryption (never written by this module) or a malformed entry.
-    """
-    config = index.get("config") if isinstance(index, dict) else None
-    chunks = index.get("chunks") if isinstance(index, dict) else None
-    if not isinstance(config, dict) or not isinstance(chunks, list):
-        raise ValueError(f"{where} is not a litdata index (it needs 'config' and 'chunks')")
-    formats = config.get("data_format")
-    if not isinstance(formats, list) or not set(formats) <= SAFE_DATA_FORMATS:
-        raise ValueError(f"{where}: refusing serializers {formats!r}; shards written by vit use only "
-                         f"{sorted(SAFE_DATA_FORMATS)}")
-    if config.get("compression") or config.get("encryption"):
-        raise ValueError(f"{where}: compressed or encrypted chunks are not written by vit and are refused")
-    if config.get("item_loader", "PyTreeLoader") != "PyTreeLoader":
-        raise ValueError(f"{where}: unexpected item loader {config.get('item_loader')!r}")
-    _check_spec(config.get("data_spec"), where)
-    total = 0
-    for chunk in chunks:
-        if not isinstance(chunk, dict) or type(chunk.get("chunk_size")) is not int or chunk["chunk_size"] < 0:
-            raise ValueError(f"{where}: malformed chunk entry {chunk!r}")
-        check_name(chunk.get("filename"), where)
-        total += chunk["chunk_size"]
-    return total
-
-
-def _check_spec(spec_text: Any, where: str) -> None:
-    """The sample structure must be built of plain dicts: litdata resolves other node types by
-    name, and some (defaultdict factories) by importing a module named in the file."""
-    try:
-        spec = json.loads(spec_text) if isinstance(spec_text, str) else None
-    except json.JSONDecodeError:
-        spec = None
-    nodes = [spec[1]] if isinstance(spec, list) and len(spec) == 2 else [None]
-    while nodes:
-        node = nodes.pop()
-        if not isinstance(node, dict) or node.get("type") not in SAFE_SPEC_TYPES \
-                or not isinstance(node.get("children_spec"), list):
-            raise ValueError(f"{where}: refusing the sample structure {spec_text!r}; vit shards hold one flat dict")
-        nodes.extend(node["children_spec"])
 
 
 # -- sources: where a split's samples come from -------------------------------------------------------
@@ -348,58 +213,91 @@ def _blocks(items: Iterable[int], size: int) -> Iterator[list[int]]:
 
 # -- command line -------------------------------------------------------------------------------------
 
-def data_config_from_overrides(overrides: Sequence[str]) -> DataConfig:
-    """``data=NAME`` (conf/data/NAME.yaml) then ``data.KEY=VALUE`` overrides, checked like a training run."""
-    node = OmegaConf.structured(DataConfig)
-    dotlist = []
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key == "data":
-            group = CONF_DIR / "data" / f"{value}.yaml"
-            if not group.is_file():
-                names = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
-                raise ValueError(f"no data config {value!r}; available: {', '.join(names)}")
-            node = OmegaConf.merge(node, OmegaConf.load(group))
-        else:
-            dotlist.append(f"{key.removeprefix('data.')}={value}")
-    node = OmegaConf.merge(node, OmegaConf.from_dotlist(dotlist))
-    return resolve_config(OmegaConf.to_object(node))
+@dataclass
+class ConvertCommand:
+    """The arguments of ``python -m vit.data.shards``, as a Hydra schema: Hydra refuses wrong types.
+
+    ``_self_`` comes first in the defaults so that the chosen ``conf/data/NAME.yaml`` (mnist5k
+    when no ``data=`` is given, as for training) is merged onto DataConfig's defaults, not under them.
+    """
+
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"data": "mnist5k"}])
+    data: DataConfig = field(default_factory=DataConfig)
+    out: Optional[str] = None
+    chunk_bytes: str = DEFAULT_CHUNK_BYTES  # litdata's size strings ("16MB") or a number of bytes
+    overwrite: bool = False
+
+
+COMMAND_SCHEMA = "shards_command"
+COMMAND_KEYS = ("data", "out", "chunk_bytes", "overwrite")
+DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig))
+
+
+def check_arguments(args: Sequence[str]) -> None:
+    """ValueError naming the first argument that is not ``key=value`` with a known key, so that
+    none is silently ignored, or saying that ``out=DIR`` is missing."""
+    for arg in args:
+        key, sep, _ = arg.partition("=")
+        group, _, option = key.partition(".")
+        if not sep:
+            raise ValueError(f"expected key=value, got {arg!r}")
+        if group == "data" and option:
+            if option.split(".")[0] not in DATA_KEYS:
+                raise ValueError(f"unknown data option {key!r}; valid options: data.{', data.'.join(DATA_KEYS)}")
+        elif option or group not in COMMAND_KEYS:
+            raise ValueError(f"unknown argument {key!r}; valid keys: data, data.KEY, {', '.join(COMMAND_KEYS[1:])}")
+    if not any(arg.startswith("out=") for arg in args):
+        raise ValueError("out=DIR is required")
+
+
+def compose_command(overrides: Sequence[str]) -> ConvertCommand:
+    """The command's arguments composed by Hydra from the config folder (see ``conf_dir``) and
+    ``overrides``; ValueError, naming the argument, for a data config that does not exist or a
+    value that does not fit its option."""
+    ConfigStore.instance().store(name=COMMAND_SCHEMA, node=ConvertCommand)
+    folder = conf_dir()
+    with hydra.initialize_config_dir(config_dir=str(folder), version_base="1.3"):
+        try:
+            cfg = hydra.compose(config_name=COMMAND_SCHEMA, overrides=list(overrides))
+        except MissingConfigException as error:
+            name = (error.missing_cfg_file or "").removeprefix("data/")
+            raise ValueError(f"no data config {name!r} in {folder / 'data'}; available: "
+                             f"{', '.join(error.options or [])}") from error
+        except ConfigCompositionException as error:  # its cause says what is wrong with the value
+            reason = str(error.__cause__).splitlines()[0] if error.__cause__ else ""
+            raise ValueError(f"{error}: {reason}" if reason else str(error)) from error
+    command: ConvertCommand = OmegaConf.to_object(cfg)
+    command.data = resolve_config(command.data)  # the checks a datamodule makes, before any reading
+    return command
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m vit.data.shards``: parse key=value arguments, convert, print a summary."""
+    """``python -m vit.data.shards``: compose the arguments with Hydra, convert, print a summary.
+
+    Exit status 2 for a usage error (an argument that is not key=value, an unknown key, no
+    out=DIR), 1 when the conversion cannot be done (a bad value, missing data, a non-empty out).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or any(a in ("-h", "--help") for a in args):
         print(USAGE + "\n\n" + (__doc__ or "").split("\n\n")[0])
         return 0 if args else 2
-    options: dict[str, str] = {"out": "", "chunk_bytes": DEFAULT_CHUNK_BYTES, "overwrite": "false"}
-    data_overrides = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            print(f"expected key=value, got {arg!r}\n{USAGE}", file=sys.stderr)
-            return 2
-        if key == "data" or key.startswith("data."):
-            data_overrides.append(arg)
-        elif key in options:
-            options[key] = value
-        else:
-            print(f"unknown argument {key!r}\n{USAGE}", file=sys.stderr)
-            return 2
-    if not options["out"]:
-        print(f"out=DIR is required\n{USAGE}", file=sys.stderr)
-        return 2
-    chunk_bytes: str | int = int(options["chunk_bytes"]) if options["chunk_bytes"].isdigit() else options["chunk_bytes"]
     try:
-        cfg = data_config_from_overrides(data_overrides)
-        meta = convert(cfg, options["out"], chunk_bytes=chunk_bytes,
-                       overwrite=options["overwrite"].lower() in ("1", "true", "yes"))
-    except (ValueError, OSError, OmegaConfBaseException) as error:  # bad option, missing data, non-empty out
+        check_arguments(args)
+    except ValueError as error:
+        print(f"{error}\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        command = compose_command(args)
+        if not command.out:
+            raise ValueError("out=DIR needs a folder, got an empty value")
+        chunk_bytes = int(command.chunk_bytes) if command.chunk_bytes.isdigit() else command.chunk_bytes
+        meta = convert(command.data, command.out, chunk_bytes=chunk_bytes, overwrite=command.overwrite)
+    except (ValueError, OSError, HydraException, OmegaConfBaseException) as error:  # bad value, missing data, ...
         print(f"error: {error}", file=sys.stderr)
         return 1
     sizes = ", ".join(f"{split} {n}" for split, n in meta.splits.items())
-    print(f"wrote {meta.dataset} to {options['out']}: {sizes} ({meta.encoding} {meta.in_chans}x{meta.image_size}"
-          f"x{meta.image_size}); train with data=shards data.path={options['out']}")
+    print(f"wrote {meta.dataset} to {command.out}: {sizes} ({meta.encoding} {meta.in_chans}x{meta.image_size}"
+          f"x{meta.image_size}); train with data=shards data.path={command.out}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``data=shards``: train from shards (see ``vit.data.shards``) streamed by litdata.
+"""``data=shards``: train from shards streamed by litdata (format: ``vit.data.shard_format``;
+writer: ``vit.data.shards``).
 
 The training process never holds the dataset: litdata's ``StreamingDataset`` hands each
 DataLoader worker its share of the chunks (memory-mapped in place on local disk, downloaded into
@@ -44,7 +45,7 @@ from vit.data.config import DataConfig
 from vit.data.datamodules import VisionDataModule
 from vit.data.errors import DatasetNotFoundError
 from vit.data.folder import randaugment
-from vit.data.shards import INDEX_FILE, META_FILE, SPLITS, ShardMeta, check_index, check_name
+from vit.data.shard_format import INDEX_FILE, META_FILE, SPLITS, ShardMeta, check_index, check_name
 
 Sample = dict[str, Any]  # {"id": int, "label": int, "image": uint8 (C, H, W) array or JPEG bytes}
 
