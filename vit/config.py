@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vit.conf_dir import conf_dir
 from vit.data import DataConfig
+from vit.errors import ConfigError
 from vit.registry import get_model_spec, list_models
 
 
@@ -135,6 +136,15 @@ class TrainConfig:
 def register_configs() -> None:
     """Make the schema known to Hydra; ``conf/train.yaml`` lists it first in its defaults."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse values the schema's types allow but a run cannot use, before any work starts.
+
+    Each error names the key, the value and what is allowed (a ConfigError: one message, exit 2).
+    """
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
 
 
 # -- the model node ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Know before it crashes: estimate a run's memory and compare it with what the machine has.
+"""Know before it crashes: does the model fit the data, and does a training step fit in memory?
 
 Training memory = parameters + gradients + optimizer state (AdamW keeps two moments)
 + activations saved for the backward pass. Activations are *measured*, not guessed: one
@@ -9,6 +9,7 @@ what a dataset too large for memory does instead (``data.mode``) is ``vit.data.p
 from __future__ import annotations
 
 import os
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -111,3 +112,17 @@ def check_batch_fits(estimate: MemoryEstimate, available: int, batch_size: int, 
         f"a training step needs about {estimate.describe()} at batch size {batch_size}, but only "
         f"{available / MiB:,.0f} MiB are free. Try: " + "; or ".join(advice))
 
+
+def match_model_to_data(name: str, kwargs: dict[str, Any], dataset: str, dm: Any) -> dict[str, Any]:
+    """Fill ``num_classes`` from the dataset and refuse a model that cannot read its images."""
+    kwargs = dict(kwargs)
+    if "num_classes" in kwargs:
+        if kwargs["num_classes"] is None:
+            kwargs["num_classes"] = dm.num_classes
+        elif kwargs["num_classes"] != dm.num_classes:
+            raise ConfigError(f"model.num_classes={kwargs['num_classes']} but dataset {dataset!r} has "
+                              f"{dm.num_classes} classes; set model.num_classes={dm.num_classes} (or null)")
+    if kwargs.get("in_chans", dm.in_chans) != dm.in_chans:
+        raise ConfigError(f"model {name!r} expects in_chans={kwargs['in_chans']} but dataset {dataset!r} has "
+                          f"{dm.in_chans}-channel images; set model.in_chans={dm.in_chans}")
+    return kwargs

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vit.callbacks import EpochSummary, TestCurve, TrainingClock
-from vit.config import TrainConfig, TrainerConfig, model_kwargs
+from vit.config import TrainConfig, TrainerConfig, check_config, model_kwargs
 from vit.data import DataConfig, build_datamodule, plan_data
 from vit.distributed import (SameRunDirectory, StopAllRanksOnError, build_strategy, devices_per_node,
                              keep_file_logs_on_rank_zero, per_device_batch_size)
@@ -28,7 +28,7 @@ from vit.errors import ConfigError
 from vit.inference import classifier_from_checkpoint
 from vit.lightning_module import ImageClassifier
 from vit.measure import measure_model, reset_peak_memory
-from vit.preflight import MiB, available_memory, check_batch_fits, estimate_training_memory
+from vit.preflight import MiB, available_memory, check_batch_fits, estimate_training_memory, match_model_to_data
 from vit.reports import plot_confusion_matrix, plot_curves, write_results
 
 log = logging.getLogger(__name__)
@@ -38,21 +38,6 @@ def _as_schema(cfg: DictConfig | dict[str, Any]) -> DictConfig:
     """Merge onto the typed schema so that runs outside Hydra are validated the same way."""
     schema = OmegaConf.structured(TrainConfig)
     return OmegaConf.merge(schema, cfg)
-
-
-def match_model_to_data(name: str, kwargs: dict[str, Any], dataset: str, dm: Any) -> dict[str, Any]:
-    """Fill ``num_classes`` from the dataset and refuse a model that cannot read its images."""
-    kwargs = dict(kwargs)
-    if "num_classes" in kwargs:
-        if kwargs["num_classes"] is None:
-            kwargs["num_classes"] = dm.num_classes
-        elif kwargs["num_classes"] != dm.num_classes:
-            raise ConfigError(f"model.num_classes={kwargs['num_classes']} but dataset {dataset!r} has "
-                              f"{dm.num_classes} classes; set model.num_classes={dm.num_classes} (or null)")
-    if kwargs.get("in_chans", dm.in_chans) != dm.in_chans:
-        raise ConfigError(f"model {name!r} expects in_chans={kwargs['in_chans']} but dataset {dataset!r} has "
-                          f"{dm.in_chans}-channel images; set model.in_chans={dm.in_chans}")
-    return kwargs
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock, dm: Any) -> L.Trainer:
@@ -86,6 +71,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock, dm: A
 def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Train and/or test as ``cfg`` says; returns what is written to ``results.json``."""
     cfg = _as_schema(cfg)
+    check_config(cfg)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else _hydra_output_dir()
     output_dir.mkdir(parents=True, exist_ok=True)
     keep_file_logs_on_rank_zero()
