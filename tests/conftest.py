@@ -1,5 +1,5 @@
-"""Shared fixtures. Real datasets come from the folder named by VIT_TEST_DATA,
-by default the workplace's shared copy beside the repository (../shared/datasets)."""
+"""Shared fixtures. Real datasets come from the folder named by VIT_TEST_DATA, by default the
+workplace's shared copy beside the repository (../shared/datasets); see tests/realdata.py."""
 from __future__ import annotations
 
 import os
@@ -8,21 +8,25 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from realdata import configured_dir, ensure_datasets
 
 
-def shared_datasets_dir() -> Path:
-    return Path(os.environ.get("VIT_TEST_DATA", REPO.parent / "shared" / "datasets")).resolve()
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Check for the datasets once, before any test runs, and only when a collected test needs them."""
+    if not any("datasets_root" in getattr(item, "fixturenames", ()) for item in items):
+        return
+    try:
+        root, note = ensure_datasets()
+    except RuntimeError as error:
+        pytest.exit(f"error: {error}", returncode=2)
+    if note:
+        print(f"\n{note}")
+    os.environ["VIT_TEST_DATA"] = str(root)  # fixtures and the subprocesses that tests start read it
 
 
 @pytest.fixture(scope="session")
 def datasets_root() -> Path:
-    root = shared_datasets_dir()
-    if not (root / "MNIST" / "raw").is_dir():
-        raise FileNotFoundError(
-            f"real test datasets not found at {root}; set VIT_TEST_DATA to a folder with MNIST/raw, "
-            f"FashionMNIST/raw, cifar10_jpeg_subset.npz and hymenoptera_data/")
-    return root
+    return configured_dir()
 
 
 @pytest.fixture(autouse=True)

@@ -259,6 +259,11 @@ def test_bf16_autocast_paths_agree():
     [
         ({"mask": torch.ones(2, 5, 5)}, "bool"),
         ({"mask": torch.ones(2, 1, 4, 5, dtype=torch.bool)}, r"does not broadcast"),
+        # a mask made for another batch size: both shapes named
+        ({"mask": torch.ones(3, 1, 5, 5, dtype=torch.bool)},
+         r"mask of shape \(3, 1, 5, 5\) does not broadcast to the attention scores' shape \(B=2, heads=4, "
+         r"N_query=5, N_key=5\)"),
+        ({"mask": torch.ones(1, 2, 1, 5, 5, dtype=torch.bool)}, r"mask of shape \(1, 2, 1, 5, 5\)"),
         ({"context": torch.randn(2, 3, DIM + 1)}, r"context of shape"),
     ],
 )

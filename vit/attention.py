@@ -153,7 +153,7 @@ class MultiHeadAttention(nn.Module):
         B, N, _ = x.shape
         q, k, v = self._project(x, context)  # (B, H, N, Dh), (B, H, M, Dh), (B, H, M, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
-        mask = self._attention_mask(mask, causal, N, k.shape[2], x.device)
+        mask = self._attention_mask(mask, causal, (B, self.num_heads, N, k.shape[2]), x.device)
         dropout_p = self.attn_drop.p if self.training else 0.0
 
         if return_attention or self._path(q) == "explicit":
@@ -192,19 +192,25 @@ class MultiHeadAttention(nn.Module):
                                     or context.shape[0] != x.shape[0]):
             raise ValueError(f"expected context of shape ({x.shape[0]}, M, {self.dim}), got {tuple(context.shape)}")
 
-    def _attention_mask(self, mask: torch.Tensor | None, causal: bool, n_query: int, n_key: int,
+    def _attention_mask(self, mask: torch.Tensor | None, causal: bool, scores_shape: tuple[int, int, int, int],
                         device: torch.device) -> torch.Tensor | None:
-        """Bool (..., N, M), True where a query may attend to a key; None when every pair may."""
+        """Bool (..., N, M), True where a query may attend to a key; None when every pair may.
+
+        ``scores_shape`` is (B, H, N, M), the shape the mask must broadcast to.
+        """
         if mask is not None:
             if mask.dtype != torch.bool:
                 raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
             try:
-                torch.broadcast_shapes(mask.shape, (1, self.num_heads, n_query, n_key))
+                if torch.broadcast_shapes(mask.shape, scores_shape) != scores_shape:
+                    raise RuntimeError  # a mask with more or larger dimensions would enlarge the scores
             except RuntimeError:
-                raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
-                                 f"(B, heads={self.num_heads}, N_query={n_query}, N_key={n_key})") from None
+                B, H, N, M = scores_shape
+                raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the attention "
+                                 f"scores' shape (B={B}, heads={H}, N_query={N}, N_key={M})") from None
         if causal:
             # Query i sees keys 0..i: the same top-left alignment as torch's is_causal.
+            n_query, n_key = scores_shape[2:]
             causal_mask = torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril()
             mask = causal_mask if mask is None else mask & causal_mask
         return mask

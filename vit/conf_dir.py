@@ -19,7 +19,7 @@ def conf_dir() -> Path:
     An editable install (``pip install -e .``) runs the checkout's files, so it finds ``conf/``.
     """
     packaged = resources.files("vit") / "conf"
-    checkout = Path(__file__).resolve().parents[2] / "conf"
+    checkout = Path(__file__).resolve().parents[1] / "conf"
     for candidate in (packaged, checkout):
         if candidate.is_dir() and (candidate / MARKER).is_file():
             return Path(str(candidate))
