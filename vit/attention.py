@@ -15,6 +15,7 @@ numbers faster in most cases; ``attn_impl`` chooses between the two.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -33,6 +34,7 @@ def scaled_dot_product_attention(
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax(q k^T / sqrt(Dh)) v`` for every head at once, step by step.
 
@@ -41,6 +43,7 @@ def scaled_dot_product_attention(
         k, v: keys and values (B, H, M, Dh).
         mask: bool, broadcastable to (B, H, N, M); True where query n may attend to key m.
         dropout_p: probability of dropping an attention weight (training only).
+        scale: what the scores are multiplied by; 1 / sqrt(Dh) when None.
 
     Returns:
         ``(output, weights)``: output (B, H, N, Dh), weights (B, H, N, M), each row a
@@ -48,7 +51,8 @@ def scaled_dot_product_attention(
         all-zero weights and a zero output (softmax over nothing is undefined; torch's fused
         kernel returns zeros there too).
     """
-    scale = q.shape[-1] ** -0.5
+    if scale is None:
+        scale = q.shape[-1] ** -0.5  # keeps the scores' variance near 1 whatever the head width
     # Scaling q before the product is the same maths as scaling the scores, on N*Dh numbers
     # instead of N*M.
     scores = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, M): how well each query matches each key
@@ -89,6 +93,10 @@ class MultiHeadAttention(nn.Module):
 
     Asking for the weights (``return_attention=True``) always takes the explicit path:
     the fused kernel does not return them.
+
+    ``locality=True`` makes it locality self-attention (Lee et al. 2021), for small datasets:
+    the softmax temperature is learned instead of fixed at 1 / sqrt(Dh), and in
+    self-attention no token attends to itself. Both paths apply it through the mask and scale.
     """
 
     def __init__(
@@ -100,6 +108,7 @@ class MultiHeadAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         attn_impl: AttentionImpl = "auto",
+        locality: bool = False,
     ) -> None:
         super().__init__()
         if dim <= 0 or num_heads <= 0:
@@ -118,6 +127,11 @@ class MultiHeadAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        # Locality self-attention (Lee et al. 2021): a learned softmax temperature, starting at the
+        # usual 1 / sqrt(Dh) (stored as its log, so it stays positive), and no token attends to
+        # itself, so the weights go to the other tokens and attention can grow sharper.
+        self.locality = locality
+        self.temperature = nn.Parameter(torch.tensor(math.log(self.head_dim**-0.5))) if locality else None
 
     @property
     def attn_impl(self) -> AttentionImpl:
@@ -153,13 +167,18 @@ class MultiHeadAttention(nn.Module):
         B, N, _ = x.shape
         q, k, v = self._project(x, context)  # (B, H, N, Dh), (B, H, M, Dh), (B, H, M, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
-        mask = self._attention_mask(mask, causal, (B, self.num_heads, N, k.shape[2]), x.device)
+        scale = None  # 1 / sqrt(Dh)
+        if self.locality:  # the learned temperature replaces 1 / sqrt(Dh)
+            q, scale = q * self.temperature.exp(), 1.0
+        no_self = self.locality and context is None
+        mask = self._attention_mask(mask, causal, no_self, (B, self.num_heads, N, k.shape[2]), x.device)
         dropout_p = self.attn_drop.p if self.training else 0.0
 
         if return_attention or self._path(q) == "explicit":
-            out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p)
+            out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, scale)
         else:
-            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+            weights = None
 
         out = out.transpose(1, 2).reshape(B, N, self.dim)  # concatenate the heads: (B, N, H * Dh)
         out = self.proj_drop(self.proj(out))  # W^O
@@ -192,11 +211,12 @@ class MultiHeadAttention(nn.Module):
                                     or context.shape[0] != x.shape[0]):
             raise ValueError(f"expected context of shape ({x.shape[0]}, M, {self.dim}), got {tuple(context.shape)}")
 
-    def _attention_mask(self, mask: torch.Tensor | None, causal: bool, scores_shape: tuple[int, int, int, int],
-                        device: torch.device) -> torch.Tensor | None:
+    def _attention_mask(self, mask: torch.Tensor | None, causal: bool, no_self: bool,
+                        scores_shape: tuple[int, int, int, int], device: torch.device) -> torch.Tensor | None:
         """Bool (..., N, M), True where a query may attend to a key; None when every pair may.
 
-        ``scores_shape`` is (B, H, N, M), the shape the mask must broadcast to.
+        The user's ``mask`` (checked to broadcast to ``scores_shape``, (B, H, N, M)), combined with
+        the causal mask and, for locality self-attention (``no_self``), the mask of the diagonal.
         """
         if mask is not None:
             if mask.dtype != torch.bool:
@@ -208,9 +228,11 @@ class MultiHeadAttention(nn.Module):
                 B, H, N, M = scores_shape
                 raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the attention "
                                  f"scores' shape (B={B}, heads={H}, N_query={N}, N_key={M})") from None
-        if causal:
-            # Query i sees keys 0..i: the same top-left alignment as torch's is_causal.
-            n_query, n_key = scores_shape[2:]
+        n_query, n_key = scores_shape[2:]
+        if causal:  # query i sees keys 0..i: the same top-left alignment as torch's is_causal
             causal_mask = torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril()
             mask = causal_mask if mask is None else mask & causal_mask
+        if no_self:
+            not_self = ~torch.eye(n_query, n_key, dtype=torch.bool, device=device)
+            mask = not_self if mask is None else mask & not_self
         return mask

@@ -30,6 +30,13 @@ def to_2tuple(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return pair
 
 
+def check_images(x: torch.Tensor, in_chans: int, img_size: tuple[int, int]) -> None:
+    """Refuse anything but a batch (B, in_chans, H, W) of the size a tokenizer was built for."""
+    if x.ndim != 4 or x.shape[1] != in_chans or tuple(x.shape[2:]) != img_size:
+        raise ValueError(f"expected images of shape (B, {in_chans}, {img_size[0]}, {img_size[1]}), "
+                         f"got {tuple(x.shape)}")
+
+
 class PatchEmbed(nn.Module):
     """Cut an image into non-overlapping patches and embed each one linearly.
 
@@ -64,11 +71,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(
-                f"expected images of shape (B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}), "
-                f"got {tuple(x.shape)}"
-            )
+        check_images(x, self.in_chans, self.img_size)
         x = self.proj(x)  # (B, D, H/P, W/P)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
@@ -120,3 +123,19 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class SequencePool(nn.Module):
+    """Attention-weighted mean of the tokens (CCT's sequence pooling): (B, N, D) -> (B, D).
+
+    A learned linear map scores every token; the softmax of the scores over the sequence weights
+    the average. The model learns which tokens matter instead of reading one class token.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.attention_pool = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.attention_pool(x).softmax(dim=1)  # (B, N, 1), summing to 1 over the tokens
+        return (weights.transpose(1, 2) @ x).squeeze(1)  # (B, 1, N) @ (B, N, D) -> (B, D)

@@ -16,8 +16,13 @@ import torch
 from torch import nn
 
 from vit.attention import AttentionImpl, MultiHeadAttention
-from vit.layers import DropPath, LayerNorm, LayerScale, Mlp, PatchEmbed
+from vit.layers import DropPath, LayerNorm, LayerScale, Mlp, PatchEmbed, SequencePool
 from vit.pos_embed import grid_from_length, resample_position_embedding, sincos_2d_position_embedding
+from vit.tokenizers import ConvTokenizer, ShiftedPatchTokenizer
+
+TOKENIZERS = ("patch", "conv", "spt")
+GLOBAL_POOLS = ("token", "avg", "seq")
+POS_EMBEDS = ("learn", "sincos", "none")
 
 
 class Block(nn.Module):
@@ -43,11 +48,12 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         init_values: float | None = None,
         attn_impl: AttentionImpl = "auto",
+        locality: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop,
-                                       proj_drop=proj_drop, attn_impl=attn_impl)
+                                       proj_drop=proj_drop, attn_impl=attn_impl, locality=locality)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm(dim)
@@ -71,12 +77,16 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT classifier. Keyword names and meanings follow timm's ``VisionTransformer``.
 
+    The arguments after ``attn_impl`` add the methods that let a ViT learn from small datasets
+    (see :mod:`vit.tokenizers`); their defaults give the paper's ViT.
+
     Args:
         img_size: input height and width (int or (H, W)); must be a multiple of ``patch_size``.
         patch_size: side of the square patches.
         in_chans: image channels (1 for MNIST, 3 for RGB).
         num_classes: classifier outputs; 0 keeps the pooled features (no head).
-        global_pool: ``'token'`` classifies the class token, ``'avg'`` the mean of patch tokens.
+        global_pool: ``'token'`` classifies the class token, ``'avg'`` the mean of patch tokens,
+            ``'seq'`` their attention-weighted mean (CCT's sequence pooling).
         embed_dim, depth, num_heads, mlp_ratio: width, number of blocks, heads per block,
             MLP hidden width as a multiple of ``embed_dim``.
         qkv_bias, qk_norm: bias on the Q/K/V projection; LayerNorm on each head's queries and keys.
@@ -90,6 +100,12 @@ class VisionTransformer(nn.Module):
         attn_drop_rate: dropout on the attention probabilities.
         drop_path_rate: stochastic depth, rising linearly from 0 to this value over the blocks.
         attn_impl: ``'auto'``, ``'explicit'`` or ``'fused'`` (see :class:`vit.attention.MultiHeadAttention`).
+        tokenizer: ``'patch'`` (the paper's linear patch embedding), ``'conv'`` (CCT's convolutional
+            tokenizer: ``conv_layers`` conv-ReLU-maxpool layers of ``conv_kernel`` x ``conv_kernel``;
+            each halves the grid, and ``patch_size`` is not used) or ``'spt'`` (shifted patches).
+        locality: locality self-attention in every block (learned temperature, no self-attention).
+        distilled: add DeiT's distillation token and a second head that learns from a teacher;
+            the two heads' logits are averaged at inference (:meth:`forward_distill` gives both).
     """
 
     def __init__(
@@ -98,7 +114,7 @@ class VisionTransformer(nn.Module):
         patch_size: int | Sequence[int] = 16,
         in_chans: int = 3,
         num_classes: int = 1000,
-        global_pool: Literal["token", "avg"] = "token",
+        global_pool: Literal["token", "avg", "seq"] = "token",
         embed_dim: int = 768,
         depth: int = 12,
         num_heads: int = 12,
@@ -115,6 +131,11 @@ class VisionTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         attn_impl: AttentionImpl = "auto",
+        tokenizer: Literal["patch", "conv", "spt"] = "patch",
+        conv_layers: int = 1,
+        conv_kernel: int = 3,
+        locality: bool = False,
+        distilled: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
@@ -129,12 +150,15 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        for name, value, choices in (("global_pool", global_pool, GLOBAL_POOLS), ("pos_embed", pos_embed, POS_EMBEDS),
+                                     ("tokenizer", tokenizer, TOKENIZERS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
         if global_pool == "token" and not class_token:
-            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without it")
-        if pos_embed not in ("learn", "sincos", "none"):
-            raise ValueError(f"pos_embed must be 'learn', 'sincos' or 'none', got {pos_embed!r}")
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' or 'seq' without it")
+        if distilled and (global_pool != "token" or num_classes == 0):
+            raise ValueError(f"distilled=True reads its heads off the class and distillation tokens: it needs "
+                             f"global_pool='token' and num_classes > 0, got {global_pool!r} and {num_classes}")
         for name, rate in (("drop_rate", drop_rate), ("pos_drop_rate", pos_drop_rate),
                            ("proj_drop_rate", proj_drop_rate), ("attn_drop_rate", attn_drop_rate),
                            ("drop_path_rate", drop_path_rate)):
@@ -144,15 +168,22 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.embed_dim = self.num_features = embed_dim
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_prefix_tokens = int(class_token) + int(distilled)
         self.pos_embed_type = pos_embed
+        self.tokenizer = tokenizer
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.img_size, self.patch_size, self.in_chans = (
-            self.patch_embed.img_size, self.patch_embed.patch_size, in_chans)
+        if tokenizer == "conv":
+            self.patch_embed = ConvTokenizer(img_size, in_chans, embed_dim, conv_layers, conv_kernel)
+        elif tokenizer == "spt":
+            self.patch_embed = ShiftedPatchTokenizer(img_size, patch_size, in_chans, embed_dim)
+        else:
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.img_size, self.in_chans = self.patch_embed.img_size, in_chans
+        self.patch_size = getattr(self.patch_embed, "patch_size", None)  # the conv tokenizer has none
         num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         if pos_embed == "learn":
             self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         elif pos_embed == "sincos":
@@ -168,14 +199,16 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
                   proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=rate, init_values=init_values,
-                  attn_impl=attn_impl)
+                  attn_impl=attn_impl, locality=locality)
             for rate in drop_path_rates
         ])
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim)
         self.fc_norm = LayerNorm(embed_dim) if use_fc_norm else nn.Identity()
+        self.seq_pool = SequencePool(embed_dim) if global_pool == "seq" else None
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = nn.Linear(embed_dim, num_classes) if distilled else None
 
         self.init_weights()
         # A checkpoint made at another resolution loads with resampled position embeddings.
@@ -186,6 +219,8 @@ class VisionTransformer(nn.Module):
         truncated-normal(0.02) linear weights with zero biases; LayerNorms at identity."""
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.dist_token is not None:  # DeiT's: unlike the class token, not zero
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -194,15 +229,16 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that weight decay should not shrink (they are not weights of a linear map)."""
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "dist_token"}
 
     # -- forward ----------------------------------------------------------------------------------
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, prefix + N, D): patch embedding, class token, position embedding."""
+        """(B, C, H, W) -> (B, prefix + N, D): tokens, class (and distillation) token, positions."""
         x = self.patch_embed(x)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         return self.pos_drop(x)
@@ -212,14 +248,37 @@ class VisionTransformer(nn.Module):
         return self.norm(self.blocks(self._embed(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (B, T, D) -> logits (B, num_classes), or pooled features (B, D) if ``pre_logits``."""
-        x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        """Tokens (B, T, D) -> logits (B, num_classes), or pooled features (B, D) if ``pre_logits``.
+
+        A distilled model averages its two heads (DeiT's inference rule).
+        """
+        if self.dist_token is not None:
+            if pre_logits:
+                return (x[:, 0] + x[:, 1]) / 2
+            logits, dist_logits = self.distillation_heads(x)
+            return (logits + dist_logits) / 2
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.global_pool == "seq":
+            x = self.seq_pool(x[:, self.num_prefix_tokens:])
+        else:
+            x = x[:, 0]
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
+
+    def distillation_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, T, D) -> (class head's logits, distillation head's logits), each (B, num_classes)."""
+        if self.dist_token is None:
+            raise ValueError("this model has no distillation token; build it with distilled=True")
+        return self.head(self.head_drop(x[:, 0])), self.head_dist(self.head_drop(x[:, 1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
+
+    def forward_distill(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> the two heads' logits, for training against the labels and a teacher."""
+        return self.distillation_heads(self.forward_features(x))
 
     @torch.no_grad()
     def get_attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from vit.baselines import CifarCNN, LinearClassifier, SmallCNN, resnet18_cifar
 from vit.model import VisionTransformer
-from vit.registry import register_model
+from vit.registry import get_model_spec, register_model
 
 # The ViT paper's family (Table 1, plus DeiT's tiny/small), at 224x224 and 1000 classes.
 for _name, _patch, _dim, _depth, _heads in (
@@ -27,6 +27,33 @@ register_model(
     "vit_cifar", VisionTransformer, "ViT for 3x32x32 images: 4px patches, 8x8 grid, 192-dim, 6 blocks, 12 heads",
     img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=192, depth=6, num_heads=12, mlp_ratio=2.0,
 )
+
+# Small-data ViTs. Compact Convolutional Transformers (Hassani et al. 2021): a conv tokenizer,
+# sequence pooling, no class token, no qkv bias; "cct_7_3x1" = 7 blocks, 3x3 kernels, 1 conv layer.
+# The parameter counts are the paper's (Table 1: 3.76M and 0.28M; ViT-Lite-7/4 3.72M).
+_CCT = dict(tokenizer="conv", conv_kernel=3, class_token=False, global_pool="seq", qkv_bias=False)
+register_model("cct_7_3x1_32", VisionTransformer, "CCT-7/3x1 for 3x32x32: 256-dim, 7 blocks, 4 heads (3.76M)",
+               img_size=32, in_chans=3, num_classes=10, embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0,
+               conv_layers=1, **_CCT)
+register_model("cct_2_3x2_32", VisionTransformer, "CCT-2/3x2 for 3x32x32: 128-dim, 2 blocks, 2 heads (0.28M)",
+               img_size=32, in_chans=3, num_classes=10, embed_dim=128, depth=2, num_heads=2, mlp_ratio=1.0,
+               conv_layers=2, **_CCT)
+register_model("cct_mnist", VisionTransformer, "CCT-4/3x2 for 1x28x28 digits: 128-dim, 4 blocks, 2 heads",
+               img_size=28, in_chans=1, num_classes=10, embed_dim=128, depth=4, num_heads=2, mlp_ratio=1.0,
+               conv_layers=2, **_CCT)
+register_model("vit_lite_7_4_32", VisionTransformer, "ViT-Lite-7/4 (CCT paper's plain baseline) for 3x32x32 (3.72M)",
+               img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=256, depth=7, num_heads=4,
+               mlp_ratio=2.0)
+# Lee et al. 2021: shifted patch tokenization + locality self-attention on the CIFAR ViT.
+register_model("sl_vit_cifar", VisionTransformer, "vit_cifar with shifted patches and locality self-attention",
+               img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=192, depth=6, num_heads=12,
+               mlp_ratio=2.0, tokenizer="spt", locality=True)
+
+# DeiT's distilled variants: a distillation token and head that learn from a teacher's predictions.
+for _name in ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_mnist", "vit_cifar"):
+    _spec = get_model_spec(_name)
+    register_model(f"{_name}_distilled", VisionTransformer, f"{_spec.description}, with a distillation token",
+                   **_spec.defaults, distilled=True)
 
 register_model("linear_mnist", LinearClassifier, "linear classifier on raw pixels (7,850 parameters on MNIST)",
                num_classes=10, in_chans=1, img_size=28)
