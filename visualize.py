@@ -9,10 +9,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from vit.attention_maps import write_attention_figures
+from vit.attention_maps import check_out_dir, write_attention_figures
 from vit.errors import UserError
+from vit.inference import load_classifier, require_keys
 from vit.predict import expand_image_paths
-from vit.inference import load_classifier
+
+USAGE = "python visualize.py ckpt_path=CHECKPOINT images=[a.png,photos/] [out=DIR] [layers=[0,-1]]"
 
 
 def _as_list(value: Any) -> list:
@@ -23,9 +25,13 @@ def _as_list(value: Any) -> list:
 @hydra.main(version_base="1.3", config_path="conf", config_name="visualize")
 def main(cfg: DictConfig) -> None:
     try:
+        # the cheap checks first, so that a typo costs no model loading
+        require_keys(cfg, USAGE, "ckpt_path", "images", "out")
+        check_out_dir(cfg.out)
+        paths = expand_image_paths(_as_list(cfg.images))
         module = load_classifier(cfg.ckpt_path)
-        written = write_attention_figures(module, expand_image_paths(_as_list(cfg.images)), cfg.out,
-                                          _as_list(cfg.layers), cfg.head_fusion, cfg.discard_ratio)
+        written = write_attention_figures(module, paths, cfg.out, _as_list(cfg.layers), cfg.head_fusion,
+                                          cfg.discard_ratio)
     except (UserError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -15,8 +15,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from vit.data import DATASET_NAMES, BatchTransform, DataConfig, DatasetNotFoundError, build_datamodule
+from vit.data import DATASET_NAMES, BatchTransform, DataConfig, DataError, DatasetNotFoundError, build_datamodule
 from vit.data.folder import load_rgb
+from vit.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -310,9 +311,10 @@ def test_imagefolder_hymenoptera(hymenoptera):
     assert dm.mean == (0.485, 0.456, 0.406)
     dm.setup("fit")
     dm.setup("test")
-    # imageNotFound.gif is not an image extension: not listed, not skipped
+    # imageNotFound.gif is not an image extension: not used, but counted and listed as skipped
     assert (dm.num_train_samples, len(dm.val_set), len(dm.test_set)) == (244, 153, 153)
-    assert dm.skipped_files == []
+    assert dm.skipped_files == [str(hymenoptera / "train" / "ants" / "imageNotFound.gif")]
+    assert dm.test_split == "val"  # no test/ folder
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         for step, (images, labels) in enumerate(loader):
             assert images.shape == (16, 3, 64, 64) and images.dtype == torch.float32
@@ -392,6 +394,66 @@ def test_load_rgb_converts_every_mode(tmp_path, hymenoptera, mode):
         assert np.array_equal(np.asarray(out)[..., 0], np.asarray(photo.convert("L")))
 
 
+def test_imagefolder_symlink_loop_lists_each_real_folder_once(tmp_path, hymenoptera, caplog):
+    """ln -s . train/ants/loop used to list the ants 41 times over (until the path grew too long)."""
+    root = _make_folder(tmp_path / "data", hymenoptera)
+    (root / "train" / "ants" / "loop").symlink_to(".")
+    extra = tmp_path / "more_bees"  # a real folder outside the tree, linked twice: listed once
+    extra.mkdir()
+    shutil.copy(sorted((hymenoptera / "train" / "bees").glob("*.jpg"))[10], extra / "extra bee.jpg")
+    (root / "train" / "bees" / "more").symlink_to(extra)
+    (root / "train" / "bees" / "more again").symlink_to(extra)
+    dm = build_datamodule(name="imagefolder", path=str(root), img_size=32, batch_size=2)
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    assert dm.num_train_samples == 7  # 3 ants + 3 bees + the linked bee, each once
+    names = [Path(path).name for path, _ in dm.train_set.samples]
+    assert len(names) == len(set(names))
+    assert dm.skipped_dirs == [str(root / "train" / "ants" / "loop"), str(root / "train" / "bees" / "more again")]
+    assert "skipped 2 folder(s) reached again through a symbolic link" in caplog.text
+
+
+def test_imagefolder_hidden_folders_are_left_out_like_hidden_files(tmp_path, hymenoptera):
+    root = _make_folder(tmp_path, hymenoptera)
+    hidden = root / "train" / "ants" / ".hid"
+    hidden.mkdir()
+    for i, src in enumerate(sorted((hymenoptera / "train" / "ants").glob("*.jpg"))[5:8]):
+        shutil.copy(src, hidden / f"h{i}.jpg")
+    (root / "train" / "ants" / ".DS_Store").write_bytes(b"\0" * 10)
+    dm = build_datamodule(name="imagefolder", path=str(root), img_size=32, batch_size=2)
+    dm.setup("fit")
+    assert dm.num_train_samples == 6 and dm.skipped_files == [] and dm.skipped_dirs == []
+
+
+def test_imagefolder_files_of_other_types_are_counted_and_listed(tmp_path, hymenoptera, caplog):
+    root = _make_folder(tmp_path, hymenoptera)
+    shutil.copy(hymenoptera / "train" / "ants" / "imageNotFound.gif", root / "train" / "ants")
+    (root / "val" / "bees" / "notes.txt").write_text("not an image")
+    dm = build_datamodule(name="imagefolder", path=str(root), img_size=32, batch_size=2, bad_image_policy="fail")
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")  # not images, so not failures even under bad_image_policy=fail
+    assert dm.skipped_files == [str(root / "train" / "ants" / "imageNotFound.gif"),
+                                str(root / "val" / "bees" / "notes.txt")]
+    assert "skipped 2 file(s) that are not images of a supported type" in caplog.text
+    assert dm.num_train_samples == 6
+
+
+def test_imagefolder_test_split_says_which_folder_tests_use(tmp_path, hymenoptera, caplog):
+    root = _make_folder(tmp_path, hymenoptera)
+    dm = build_datamodule(name="imagefolder", path=str(root), img_size=32, batch_size=2)
+    assert dm.test_split == "test"  # until setup has looked
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    assert dm.test_split == "val" and dm.test_set is dm.val_set
+    assert "has no test/ folder: testing uses the validation split (val/)" in caplog.text
+
+    shutil.copytree(root / "val", root / "test")
+    with_test = build_datamodule(name="imagefolder", path=str(root), img_size=32, batch_size=2)
+    with_test.setup("fit")
+    assert with_test.test_split == "test" and with_test.test_set is not with_test.val_set
+    assert build_datamodule(name="mnist5k", root=str(REPO / "data")).test_split == "test"
+
+
 # ---------------------------------------------------------------- missing files and bad options
 
 
@@ -426,6 +488,89 @@ def test_missing_cifar_torchvision_and_npz(tmp_path):
         build_datamodule(name="mnist5k", root=str(tmp_path)).setup("fit")
     with pytest.raises(DatasetNotFoundError, match="train/"):
         build_datamodule(name="imagefolder", path=str(tmp_path)).setup("fit")
+
+
+def _mnist_copy(datasets_root: Path, tmp_path: Path) -> Path:
+    """ROOT/MNIST/raw with links to the real files, so that a test can replace one of them."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for src in (datasets_root / "MNIST" / "raw").iterdir():
+        (raw / src.name).symlink_to(src)
+    return raw
+
+
+def test_truncated_mnist_file_names_the_file_and_its_expected_size(datasets_root, tmp_path):
+    raw = _mnist_copy(datasets_root, tmp_path)
+    whole = (raw / "train-images-idx3-ubyte").read_bytes()
+    (raw / "train-images-idx3-ubyte").unlink()
+    (raw / "train-images-idx3-ubyte").write_bytes(whole[:1_000_000])  # an interrupted copy
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte is truncated: 1,000,000 bytes, "
+                                        r"expected 47,040,016 .*60000 x 28 x 28") as info:
+        build_datamodule(name="mnist", root=str(tmp_path), download=True).prepare_data()
+    assert isinstance(info.value, UserError) and "data.download=true" in str(info.value)
+
+    (raw / "train-images-idx3-ubyte").write_bytes(b"<html>404</html>")  # a web page saved under its name
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte is not an IDX file"):
+        build_datamodule(name="mnist", root=str(tmp_path), download=False).prepare_data()
+
+
+@pytest.mark.slow  # a subprocess: importing torch and lightning alone takes seconds
+def test_train_py_stops_on_a_truncated_mnist_file_with_one_line(datasets_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    raw = _mnist_copy(datasets_root, tmp_path)
+    whole = (raw / "t10k-labels-idx1-ubyte").read_bytes()
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(whole[:5000])
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "data=mnist", f"data.root={tmp_path}",
+                           "data.download=false", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "0"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert f"{raw / 't10k-labels-idx1-ubyte'} is truncated: 5,000 bytes, expected 10,008" in errors[0]
+
+
+def test_mnist_labels_that_do_not_match_the_images_are_named(datasets_root, tmp_path):
+    raw = _mnist_copy(datasets_root, tmp_path)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    (raw / "t10k-labels-idx1-ubyte").symlink_to(datasets_root / "MNIST" / "raw" / "train-labels-idx1-ubyte")
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte holds labels of shape \(60000,\) for the "
+                                        r"10,000 images"):
+        build_datamodule(name="mnist", root=str(tmp_path), download=False).prepare_data()
+
+
+def test_npz_that_needs_pickle_or_is_no_npz_is_refused_by_name(tmp_path, monkeypatch):
+    good = {"x_train": np.zeros((4, 8, 8, 3), np.uint8), "y_train": np.arange(4), "x_test":
+            np.zeros((2, 8, 8, 3), np.uint8), "y_test": np.arange(2)}
+    calls = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
+
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, **good, classes=np.array([{"name": "cat"}] * 10, dtype=object))
+    with pytest.raises(DataError, match=r"objects.npz: array 'classes' holds Python objects.*refused"):
+        build_datamodule(name="cifar10", source="npz", path=str(objects)).setup("fit")
+    assert calls and all(kw.get("allow_pickle") is False for kw in calls)
+
+    text = tmp_path / "notes.npz"
+    text.write_text("x_train,y_train\n1,2\n")
+    with pytest.raises(DataError, match=r"notes.npz is not an .npz file"):
+        build_datamodule(name="cifar10", source="npz", path=str(text)).setup("fit")
+
+    single = tmp_path / "single.npz"
+    with single.open("wb") as file:
+        np.save(file, good["x_train"])
+    with pytest.raises(DataError, match=r"single.npz holds a single .npy array"):
+        build_datamodule(name="cifar10", source="npz", path=str(single)).setup("fit")
+
+    truncated = tmp_path / "truncated.npz"
+    np.savez(truncated, **good)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(DataError, match=r"truncated.npz is truncated or damaged"):
+        build_datamodule(name="cifar10", source="npz", path=str(truncated)).setup("fit")
 
 
 def test_config_errors():

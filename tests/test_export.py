@@ -177,3 +177,49 @@ def test_cli_unknown_format_is_one_clear_message(tmp_path, checkpoints):
     assert done.returncode == 2
     assert "unknown format 'tflite'" in done.stderr and "onnx" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr and not (tmp_path / "m").exists()
+
+
+# -- without the ONNX packages ------------------------------------------------------------------------
+
+def test_onnx_without_the_onnx_packages_names_the_install_command(tmp_path, monkeypatch):
+    from test_predict import tiny_classifier
+
+    from vit.export import INSTALL_EXPORT
+
+    assert "pip install 'vit[export]'" in INSTALL_EXPORT and "pip install -e '.[export]'" in INSTALL_EXPORT
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now fails as if it were not installed
+    with pytest.raises(ExportError, match=r"format=onnx needs onnx, not installed here") as info:
+        export(tiny_classifier("linear_mnist"), "onnx", tmp_path / "m.onnx")
+    assert INSTALL_EXPORT in str(info.value)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+    # other formats do not need the ONNX packages
+    assert export(tiny_classifier("linear_mnist"), "safetensors", tmp_path / "m.safetensors")["max_abs_diff"] == 0
+
+
+def test_auto_exporter_without_onnxscript_falls_back_and_says_how_to_install(tmp_path, monkeypatch, caplog):
+    from test_predict import tiny_classifier
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with caplog.at_level("WARNING"):
+        report = export(tiny_classifier("linear_mnist"), "onnx", tmp_path / "m.onnx")
+    assert report["exporter"] == "torchscript" and report["max_abs_diff"] <= 1e-4
+    assert "onnxscript is not installed" in caplog.text and "pip install 'vit[export]'" in caplog.text
+
+
+def test_the_export_extra_holds_the_onnx_packages_with_the_dev_pins():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert sorted(extras["export"]) == ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"]
+    assert set(extras["export"]) <= set(extras["dev"])
+
+
+@pytest.mark.slow  # a subprocess: importing torch and lightning alone takes seconds
+def test_cli_without_onnx_is_one_message_naming_the_install_command(tmp_path):
+    script = ("import sys; sys.modules['onnx'] = None; from vit.export import main; "
+              f"sys.argv = ['vit.export', 'ckpt_path={tmp_path / 'm.ckpt'}', 'format=onnx']; main()")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: format=onnx needs onnx, not installed here; install the export extra: pip install 'vit[export]' "
+        "(in a source checkout: pip install -e '.[export]')"]

@@ -162,7 +162,7 @@ def test_exported_safetensors_weights_serve_as_ckpt_path(tmp_path, checkpoints, 
     done = subprocess.run([sys.executable, str(REPO / "predict.py"), f"ckpt_path={weights}", images, "top_k=3"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    expected = predict_files(module, digit_pngs, top_k=3)  # from the checkpoint, in this process
+    expected = predict_files(module, digit_pngs, top_k=3).ranked  # from the checkpoint, in this process
     lines = done.stdout.strip().splitlines()
     assert len(lines) == len(expected)
     for line, (path, ranked) in zip(lines, expected):
@@ -175,3 +175,34 @@ def test_exported_safetensors_weights_serve_as_ckpt_path(tmp_path, checkpoints, 
     done = visualize_py(f"ckpt_path={weights}", images, f"out={out}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == [str(out / f"{p.stem}_attention.png") for p in digit_pngs]
+
+
+# -- bad inputs ---------------------------------------------------------------------------------------
+
+def test_out_that_is_a_file_is_refused_before_any_figure(tmp_path, digit_pngs):
+    from test_predict import tiny_classifier
+
+    from vit.attention_maps import write_attention_figures
+    from vit.errors import ConfigError
+
+    kept = tmp_path / "figures"
+    kept.write_text("someone's notes")
+    with pytest.raises(ConfigError, match=r"out=.*figures is a file; out names the folder"):
+        write_attention_figures(tiny_classifier(), digit_pngs, kept)
+    assert kept.read_text() == "someone's notes" and sorted(p.name for p in tmp_path.iterdir()) == ["figures"]
+
+
+@pytest.mark.slow  # a subprocess: importing torch and lightning alone takes seconds
+def test_cli_out_that_is_a_file_is_one_message(tmp_path, digit_pngs):
+    from test_predict import tiny_classifier
+
+    from vit.export import save_weights
+
+    weights = save_weights(tiny_classifier(), tmp_path / "tiny.safetensors")
+    (tmp_path / "figures").write_text("someone's notes")
+    done = visualize_py(f"ckpt_path={weights}", f"images=[{digit_pngs[0]}]", f"out={tmp_path / 'figures'}",
+                        cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"error: out={tmp_path / 'figures'} is a file; out names the folder that receives one "
+        f"<image stem>_attention.png per image: give a folder path"]

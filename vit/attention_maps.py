@@ -237,6 +237,18 @@ def render_attention_figure(
     return path
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a Path, after checking that it can be the folder the figures go into:
+    it may exist as a folder or not at all, but not as a file."""
+    from vit.errors import ConfigError
+
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out={out_dir} is a file; out names the folder that receives one "
+                          f"<image stem>_attention.png per image: give a folder path")
+    return path
+
+
 def write_attention_figures(
     module: "ImageClassifier",
     image_paths: Sequence[Path],
@@ -249,8 +261,8 @@ def write_attention_figures(
 
     Images are read and normalised exactly as :mod:`vit.predict` does (``load_image``, then the
     checkpoint's mean and std); the model runs in eval mode. Raises UserError for a model
-    without attention maps, a layer that does not exist, an unreadable image, or two images
-    whose figures would have the same name.
+    without attention maps, a layer that does not exist, an unreadable image, an ``out_dir``
+    that is a file, or two images whose figures would have the same name.
     """
     from PIL import UnidentifiedImageError
 
@@ -275,7 +287,7 @@ def write_attention_figures(
     except ValueError as error:
         raise ConfigError(str(error)) from error
 
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir)
     targets = [out_dir / f"{Path(p).stem}_attention.png" for p in image_paths]
     clashes = sorted({str(t) for t in targets if targets.count(t) > 1})
     if clashes:  # refuse before any work rather than silently overwrite one figure with another

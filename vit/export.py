@@ -28,9 +28,14 @@ Formats (``format=``):
 Every export is read back and compared with PyTorch on images of batch sizes 1 and 3
 (``verify=true``, the default); a file whose outputs differ by more than 1e-4 is deleted and
 reported as an error.
+
+The ONNX packages (onnx, onnxscript for the dynamo exporter, onnxruntime for the check) are an
+optional extra: ``pip install 'vit[export]'`` (in a source checkout ``pip install -e '.[export]'``).
+Without them ``format=onnx`` stops before loading anything, with a message naming that command.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -54,6 +59,7 @@ OnnxExporter = Literal["auto", "dynamo", "torchscript"]
 SUFFIXES: dict[str, str] = {"safetensors": ".safetensors", "onnx": ".onnx",
                             "torchscript": ".torchscript.pt", "export": ".pt2"}
 ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")
+INSTALL_EXPORT = "pip install 'vit[export]' (in a source checkout: pip install -e '.[export]')"
 ONNX_OPSET = 18
 TOLERANCE = 1e-4
 # Protobuf cannot hold more than 2 GiB; above this the ONNX weights go to a side file.
@@ -135,6 +141,28 @@ def _quiet_tracing() -> Iterator[None]:
         yield
 
 
+def _missing_modules(names: Sequence[str]) -> list[str]:
+    # Imported rather than looked up: a package that is installed but broken is as missing.
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def check_onnx_packages(exporter: str = "auto", verify: bool = True) -> None:
+    """Raise ExportError naming the install command when a package ONNX export needs is missing:
+    onnx always, onnxscript for exporter=dynamo (auto falls back without it), onnxruntime to verify."""
+    needed = ["onnx", *(["onnxscript"] if exporter == "dynamo" else []), *(["onnxruntime"] if verify else [])]
+    missing = _missing_modules(needed)
+    if missing:
+        hint = " (or verify=false to write the file without checking it)" if missing == ["onnxruntime"] else ""
+        raise ExportError(f"format=onnx needs {', '.join(missing)}, not installed here; install the export "
+                          f"extra: {INSTALL_EXPORT}{hint}")
+
+
 def export_onnx(module: ImageClassifier, path: str | Path, exporter: OnnxExporter = "auto",
                 opset: int = ONNX_OPSET) -> str:
     """Write an ONNX graph: images ``(N, C, H, W)`` in [0, 1] -> logits ``(N, num_classes)``, N dynamic.
@@ -146,6 +174,11 @@ def export_onnx(module: ImageClassifier, path: str | Path, exporter: OnnxExporte
         raise ExportError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
     if opset < 17:
         raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset >= 17")
+    check_onnx_packages(exporter, verify=False)
+    if exporter == "auto" and _missing_modules(["onnxscript"]):
+        log.warning("onnxscript is not installed, so the dynamo ONNX exporter cannot run; using the "
+                    "TorchScript-based one. For the dynamo exporter: %s", INSTALL_EXPORT)
+        exporter = "torchscript"
     wrapper = NormalizedClassifier.from_classifier(module).eval()
     example = _example_input(wrapper)
     path = Path(path)
@@ -242,8 +275,11 @@ def export(module: ImageClassifier, fmt: Format, out: str | Path, exporter: Onnx
     """
     if fmt not in SUFFIXES:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(SUFFIXES)}")
+    if fmt == "onnx":
+        check_onnx_packages(exporter, verify)
     module = module.eval()
     out = Path(out)
+    _check_not_a_folder(out, fmt)
     if fmt == "export" and out.suffix != ".pt2":
         raise ExportError(f"format=export writes a torch.export archive, which torch.export.load only reads "
                           f"from a file named *.pt2; got out={out}")
@@ -272,18 +308,32 @@ def export(module: ImageClassifier, fmt: Format, out: str | Path, exporter: Onnx
     return report
 
 
+def _check_not_a_folder(out: Path, fmt: str) -> None:
+    if out.is_dir():
+        raise ExportError(f"out={out} is a folder; give the file to write, e.g. out={out / ('model' + SUFFIXES[fmt])}")
+
+
 # -- command line -------------------------------------------------------------------------------------
 
 def _main(cfg: Any) -> None:
+    from vit.inference import require_keys
+
+    # every check before loading anything: the cheapest mistakes to report
+    require_keys(cfg, "python -m vit.export ckpt_path=CHECKPOINT [format=onnx] [out=FILE]", "ckpt_path")
     fmt = cfg.format
-    if fmt not in SUFFIXES:  # before loading anything: the cheapest mistake to report
+    if fmt not in SUFFIXES:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(SUFFIXES)}")
     if cfg.exporter not in ONNX_EXPORTERS:
         raise ExportError(f"unknown exporter {cfg.exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
+    if fmt == "onnx":
+        if isinstance(cfg.opset, bool) or not isinstance(cfg.opset, int) or cfg.opset < 17:
+            raise ExportError(f"opset must be an integer >= 17 (LayerNormalization), got {cfg.opset!r}")
+        check_onnx_packages(cfg.exporter, cfg.verify)
     ckpt = Path(cfg.ckpt_path)
     out = Path(cfg.out) if cfg.out else ckpt.with_suffix(SUFFIXES[fmt])
     if out.resolve() == ckpt.resolve():
         raise ExportError(f"out={out} would overwrite the checkpoint; choose another path")
+    _check_not_a_folder(out, fmt)
     report = export(load_classifier(ckpt), fmt, out, cfg.exporter, cfg.opset, cfg.verify)
     details = [f"exporter {report['exporter']}"] if "exporter" in report else []
     if "max_abs_diff" in report:

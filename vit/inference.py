@@ -4,6 +4,8 @@
   (``.ckpt``) or the ``.safetensors`` weights ``vit.export`` writes, without unpickling code.
 * :class:`NormalizedClassifier` puts the dataset's normalisation in front of the network, so
   that it takes images in [0, 1]; prediction, attention maps and every export use it.
+* :func:`require_keys` gives the commands that load a classifier (predict, visualize, export)
+  one message for a mandatory key left out, instead of OmegaConf's traceback.
 
 Predicting needs nothing from training or exporting, so this module imports neither.
 """
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from vit.checkpoints import check_compatible, load_checkpoint
-from vit.errors import CheckpointError
+from vit.errors import CheckpointError, ConfigError
 from vit.lightning_module import ImageClassifier
 
 # Keys every safetensors weights file carries in its metadata; values are JSON except
@@ -66,6 +68,17 @@ class NormalizedClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(self.normalize(images))
+
+
+def require_keys(cfg: Any, usage: str, *keys: str) -> None:
+    """Raise ConfigError naming the ``keys`` that the command-line config ``cfg`` leaves unset
+    (``???`` in the YAML, or null), followed by ``usage``, the command's synopsis."""
+    from omegaconf import OmegaConf
+
+    missing = [key for key in keys if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg[key] is None]
+    if missing:
+        named = " and ".join(f"{key}=" for key in missing)
+        raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required: {usage}")
 
 
 def load_classifier(path: str | Path) -> ImageClassifier:

@@ -6,7 +6,8 @@
 >>> images, labels = next(iter(dm.train_dataloader()))   # float32 (64, 1, 28, 28), int64 (64,)
 
 ``DATASET_NAMES`` lists the datasets; ``DataConfig`` documents every option; ``plan_data``
-applies ``data.mode`` (load whole, or stream from shards).
+applies ``data.mode`` (load whole, or stream from shards). Files that are missing raise
+``DatasetNotFoundError``, files that are there but unusable ``DataError``; both name the file.
 
 The modules, lowest first (each imports only modules on its line or above it):
 
@@ -23,12 +24,12 @@ The modules, lowest first (each imports only modules on its line or above it):
 from vit.data.arrays import BatchTransform, TensorImageDataset
 from vit.data.config import DATASET_NAMES, DataConfig, resolve_config
 from vit.data.datamodules import ArrayDataModule, ImageFolderDataModule, VisionDataModule
-from vit.data.errors import DatasetNotFoundError
+from vit.data.errors import DataError, DatasetNotFoundError
 from vit.data.factory import build_datamodule
 from vit.data.plan import plan_data
 
 __all__ = [
-    "DATASET_NAMES", "ArrayDataModule", "BatchTransform", "DataConfig", "DatasetNotFoundError",
+    "DATASET_NAMES", "ArrayDataModule", "BatchTransform", "DataConfig", "DataError", "DatasetNotFoundError",
     "ImageFolderDataModule", "TensorImageDataset", "VisionDataModule", "build_datamodule", "plan_data",
     "resolve_config",
 ]

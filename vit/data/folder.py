@@ -1,21 +1,28 @@
 """Image folders on disk: ``PATH/{train,val[,test]}/<class>/<image>``, decoded lazily with PIL.
 
 Listing follows torchvision's ImageFolder: classes are the sub-folders of ``train/`` in
-sorted order, and only files with an extension in ``IMG_EXTENSIONS`` count (so a ``.gif``,
-which ImageFolder does not read either, is ignored, not decoded). ``val/`` and ``test/`` use
-the class-to-index mapping of ``train/``.
+sorted order, and only files with an extension in ``IMG_EXTENSIONS`` are images. Other files
+(a ``.gif``, which ImageFolder does not read either, a ``notes.txt``) are not decoded but
+reported, so that a folder that lost half its images to an unexpected format says so. Hidden
+files and folders (``.DS_Store``, ``.ipynb_checkpoints/``) are left out silently. ``val/`` and
+``test/`` use the class-to-index mapping of ``train/``.
+
+Symbolic links to folders are followed, but each real folder is listed once: a link back to a
+parent (``ln -s . loop``) would otherwise list the same images again at every depth until the
+path grows too long, silently multiplying the data. Folders reached a second time are reported.
 
 Unreadable images are found once, in ``check_images``, by decoding every file at reduced
 scale (JPEG draft mode makes that a fraction of a full decode); that catches both files that
 are not images and truncated ones, which a header-only ``Image.verify()`` misses. Datasets are
 built from the readable files only, so workers never meet a bad file that was there at setup;
-a file that breaks later raises a ValueError naming it.
+a file that breaks later raises a DataError naming it.
 """
 from __future__ import annotations
 
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -26,6 +33,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
+
+from vit.data.errors import DataError
 
 if TYPE_CHECKING:
     from vit.data.config import DataConfig
@@ -41,49 +50,87 @@ def find_classes(train_dir: Path) -> list[str]:
         raise FileNotFoundError(f"no folder {train_dir}")
     classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise ValueError(f"{train_dir} has no class sub-folders; expected {train_dir}/<class>/<image files>")
+        raise DataError(f"{train_dir} has no class sub-folders; expected {train_dir}/<class>/<image files>")
     return classes
 
 
-def list_samples(split_dir: Path, classes: Sequence[str]) -> list[Sample]:
-    """(path, class index) of every image file under ``split_dir/<class>/`` for the given classes.
+@dataclass
+class Listing:
+    """What ``list_samples`` found in a split folder."""
 
-    Raises ValueError naming the folder when a class folder is missing or holds no image file,
+    samples: list[Sample] = field(default_factory=list)  # (path, class index) of every image file
+    not_images: list[str] = field(default_factory=list)  # other (non-hidden) files, not used
+    repeated_dirs: list[str] = field(default_factory=list)  # folders reached again through a link, not listed
+
+
+def list_samples(split_dir: Path, classes: Sequence[str]) -> Listing:
+    """Every image file under ``split_dir/<class>/`` for the given classes, and what was left out.
+
+    Raises DataError naming the folder when a class folder is missing or holds no image file,
     or when ``split_dir`` has a class folder that is not in ``classes``.
     """
     found = set(find_classes(split_dir))
     extra = sorted(found - set(classes))
     if extra:
-        raise ValueError(f"{split_dir} has class folders {extra} that the training split does not have")
-    samples: list[Sample] = []
+        raise DataError(f"{split_dir} has class folders {extra} that the training split does not have")
+    listing = Listing()
     for index, name in enumerate(classes):
         class_dir = split_dir / name
         if name not in found:
-            raise ValueError(f"class folder {class_dir} is missing; every split needs the classes of train/: "
-                             f"{list(classes)}")
-        files = sorted(
-            str(Path(root) / f)
-            for root, _, names in os.walk(class_dir, followlinks=True)
-            for f in names
-            if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
-        )
-        if not files:
-            raise ValueError(f"class folder {class_dir} holds no image files ({', '.join(IMG_EXTENSIONS)})")
-        samples.extend((f, index) for f in files)
-    return samples
+            raise DataError(f"class folder {class_dir} is missing; every split needs the classes of train/: "
+                            f"{list(classes)}")
+        images, others, repeated = _walk_once(class_dir)
+        if not images:
+            held = f"; it holds {len(others)} other file(s): {some_of(others)}" if others else ""
+            raise DataError(f"class folder {class_dir} holds no image files ({', '.join(IMG_EXTENSIONS)}){held}")
+        listing.samples.extend((f, index) for f in images)
+        listing.not_images.extend(others)
+        listing.repeated_dirs.extend(repeated)
+    return listing
+
+
+def _walk_once(folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """(image files, other files, folders not entered because their real path was already listed)
+    under ``folder``, following symbolic links but entering each real folder once; sorted."""
+    images: list[str] = []
+    others: list[str] = []
+    repeated: list[str] = []
+    seen = {os.path.realpath(folder)}
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        keep = []
+        for name in sorted(dirs):
+            if name.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(root, name))
+            if real in seen:
+                repeated.append(os.path.join(root, name))
+            else:
+                seen.add(real)
+                keep.append(name)
+        dirs[:] = keep  # os.walk descends into what is left in dirs
+        for name in names:
+            if not name.startswith("."):
+                (images if name.lower().endswith(IMG_EXTENSIONS) else others).append(os.path.join(root, name))
+    return sorted(images), sorted(others), sorted(repeated)
+
+
+def some_of(paths: Sequence[str], limit: int = 5) -> str:
+    """The first few paths of a list, for a message that stays one line long."""
+    shown = ", ".join(map(str, paths[:limit]))
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def check_images(samples: Sequence[Sample], policy: str, threads: int = 8) -> tuple[list[Sample], list[str]]:
     """Decode every image (at reduced scale) and split ``samples`` into (readable, bad file paths).
 
-    policy "fail": raise ValueError naming the first unreadable file (in listing order).
+    policy "fail": raise DataError naming the first unreadable file (in listing order).
     """
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:  # PIL releases the GIL while decoding
         errors = list(pool.map(_decode_error, (path for path, _ in samples)))
     bad = [path for (path, _), error in zip(samples, errors) if error is not None]
     if bad and policy == "fail":
         first = next(e for e in errors if e is not None)
-        raise ValueError(f"unreadable image {bad[0]}: {first} (data.bad_image_policy=fail; use skip to leave it out)")
+        raise DataError(f"unreadable image {bad[0]}: {first} (data.bad_image_policy=fail; use skip to leave it out)")
     return [s for s, error in zip(samples, errors) if error is None], bad
 
 
@@ -174,5 +221,5 @@ class ImageFileDataset(Dataset):
         try:
             img = load_rgb(path, self.min_side)
         except Exception as error:
-            raise ValueError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
+            raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
         return self.transform(img), label
