@@ -211,6 +211,10 @@ class VisionTransformer(nn.Module):
         self.head_dist = nn.Linear(embed_dim, num_classes) if distilled else None
 
         self.init_weights()
+        # The data configuration that goes with the weights (timm's name); vit.pretrained fills in
+        # the mean, std and the rest when it loads weights that say them.
+        self.pretrained_cfg: dict[str, Any] = {"input_size": (in_chans, *self.img_size), "mean": None, "std": None,
+                                               "interpolation": "bicubic", "crop_pct": 0.9, "source": None}
         # A checkpoint made at another resolution loads with resampled position embeddings.
         self.register_load_state_dict_pre_hook(self._resample_pos_embed_on_load)
 
@@ -226,6 +230,25 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier head (timm's name)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, freshly initialised head for ``num_classes`` classes (0: no head, the pooled features)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if self.head_dist is not None:
+            if num_classes == 0:
+                raise ValueError("a distilled model needs num_classes > 0 for its two heads")
+            self.head_dist = nn.Linear(self.embed_dim, num_classes)
+        for head in (self.head, self.head_dist):
+            if isinstance(head, nn.Linear):
+                nn.init.trunc_normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that weight decay should not shrink (they are not weights of a linear map)."""

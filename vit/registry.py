@@ -57,8 +57,13 @@ def get_model_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; {hint}") from None
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Instantiate a registered model, replacing any of its defining arguments."""
+def create_model(name: str, init_from: str | None = None, **overrides: Any) -> nn.Module:
+    """Instantiate a registered model, replacing any of its defining arguments.
+
+    ``init_from`` starts it from pretrained weights (a file, a hub folder or ``timm:NAME``; see
+    :func:`vit.pretrained.load_pretrained`), fitted to the model: a head for another class count
+    is left freshly initialised, position embeddings follow the patch grid.
+    """
     spec = get_model_spec(name)
     accepted = spec.arguments()
     unknown = sorted(set(overrides) - set(accepted))
@@ -67,4 +72,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
             f"model {name!r} has no argument(s) {', '.join(map(repr, unknown))}; "
             f"valid: {', '.join(sorted(accepted))}"
         )
-    return spec.builder(**{**spec.defaults, **overrides})
+    model = spec.builder(**{**spec.defaults, **overrides})
+    if init_from is not None:
+        from vit.pretrained import load_pretrained  # reading checkpoints is only needed here
+
+        load_pretrained(model, init_from)
+    return model

@@ -35,10 +35,23 @@ def _architecture(model: nn.Module) -> dict[str, Any]:
         class_token=model.cls_token is not None,
         pos_embed="learn" if model.pos_embed is not None else "none",
         fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        distilled=getattr(model, "dist_token", None) is not None,  # DeiT's distillation token
     )
 
 
-def _check_convertible(timm_model: nn.Module) -> None:
+def _type_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _check_convertible(timm_model: Any) -> None:
+    # Checked by class, not by attributes: many timm and torchvision models have blocks or a
+    # patch_embed, and reading the architecture off the wrong one would fail far from the cause.
+    from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+    if not isinstance(timm_model, TimmVisionTransformer):
+        hint = " (it is already this package's model)" if isinstance(timm_model, VisionTransformer) else ""
+        raise TypeError(f"from_timm converts timm's VisionTransformer "
+                        f"(timm.models.vision_transformer.VisionTransformer), got {_type_name(timm_model)}{hint}")
     problems = []
     if getattr(timm_model, "num_reg_tokens", 0):
         problems.append(f"register tokens ({timm_model.num_reg_tokens})")
@@ -62,12 +75,20 @@ def _check_convertible(timm_model: nn.Module) -> None:
 def from_timm(timm_model: nn.Module, **overrides: Any) -> VisionTransformer:
     """Build the equivalent ``vit.VisionTransformer`` carrying the timm model's weights.
 
-    ``overrides`` change settings that carry no weights (dropout rates, ``attn_impl``);
-    a different ``img_size`` resamples the position embeddings.
+    Raises TypeError naming the type for anything but timm's ``VisionTransformer`` (or a
+    subclass such as DeiT's distilled model), and ValueError listing the timm features this
+    package does not implement. ``overrides`` change settings that carry no weights (dropout
+    rates, ``attn_impl``) or that fine-tuning adapts (:func:`vit.pretrained.load_pretrained`):
+    another ``num_classes`` gets a fresh head, another ``img_size`` resampled position embeddings.
+    The timm model's data configuration (mean, std ...) becomes ``pretrained_cfg``.
     """
+    from vit.pretrained import load_pretrained
+
     _check_convertible(timm_model)
     model = VisionTransformer(**{**_architecture(timm_model), **overrides})
-    model.load_state_dict(timm_model.state_dict())
+    load_pretrained(model, timm_model.state_dict())
+    cfg = getattr(timm_model, "pretrained_cfg", None) or {}
+    model.pretrained_cfg.update({k: cfg[k] for k in ("mean", "std", "interpolation", "crop_pct") if k in cfg})
     return model.to(next(timm_model.parameters()).dtype)
 
 
@@ -75,9 +96,19 @@ def to_timm(model: VisionTransformer, **overrides: Any) -> nn.Module:
     """Build timm's ``VisionTransformer`` with this model's configuration and weights."""
     from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"to_timm converts vit.VisionTransformer, got {_type_name(model)}")
     if model.pos_embed_type == "sincos":
         raise ValueError("timm's VisionTransformer has no fixed sin-cos position embedding; "
                          "convert a model built with pos_embed='learn'")
-    timm_model = TimmVisionTransformer(**{**_architecture(model), **overrides})
+    problems = [f"tokenizer={model.tokenizer!r}"] if model.tokenizer != "patch" else []
+    problems += [f"global_pool={model.global_pool!r}"] if model.global_pool == "seq" else []
+    problems += ["locality self-attention"] if model.blocks[0].attn.locality else []
+    if problems:
+        raise ValueError(f"timm's VisionTransformer has no {', '.join(problems)}; only patch-embedding ViTs convert")
+    arguments = {**_architecture(model), **overrides}
+    if arguments.pop("distilled"):
+        from timm.models.deit import VisionTransformerDistilled as TimmVisionTransformer
+    timm_model = TimmVisionTransformer(**arguments)
     timm_model.load_state_dict(model.state_dict())
     return timm_model.to(next(model.parameters()).dtype)
