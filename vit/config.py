@@ -1,12 +1,14 @@
 """Typed configuration of a training run, registered with Hydra's ConfigStore.
 
 ``conf/train.yaml`` starts from the ``train_schema`` stored here, so Hydra refuses a
-field of the wrong type or a key that does not exist, naming it. The ``model``
+field of the wrong type or a key that does not exist, naming it; a key added with
+``+key=value`` gets past Hydra and is refused by :func:`check_config`. The ``model``
 node differs per model (its keys are the model's constructor arguments), so it is
 checked against the registry by :func:`model_kwargs` instead of a dataclass.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -14,8 +16,10 @@ from typing import Any, Optional
 import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from vit.conf_dir import conf_dir
+from vit.config_checks import check_model, check_values, refuse_unknown_keys
 from vit.data import DataConfig
 from vit.errors import ConfigError
 from vit.registry import get_model_spec, list_models
@@ -134,17 +138,58 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Make the schema known to Hydra; ``conf/train.yaml`` lists it first in its defaults."""
+    """Make the schema known to Hydra (``conf/train.yaml`` lists it first in its defaults), and the
+    ``folder_name`` resolver that names a sweep's job folders."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
+
+
+# File systems refuse a name longer than 255 bytes; a job folder named after many overrides can be longer.
+FOLDER_NAME_BYTES = 160
+
+
+def folder_name(text: str) -> str:
+    """``text`` as one folder's name: "/" (in a value such as val/loss) would nest folders, and a long
+    name is cut (a sweep's folders stay apart: each starts with its job number)."""
+    name = str(text).replace("/", "-")
+    return name.encode()[:FOLDER_NAME_BYTES].decode(errors="ignore")
+
+
+def as_schema(cfg: DictConfig | dict[str, Any]) -> DictConfig:
+    """``cfg`` merged onto the typed schema: unknown keys and values of the wrong type are refused by name.
+
+    The merge starts from plain containers: OmegaConf trusts a source that is already typed and
+    would carry over keys that Hydra's ``+key=value`` added to it.
+    """
+    values = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    values.pop("hydra", None)  # Hydra's own settings, present when composed with return_hydra_config
+    refuse_unknown_keys(values, TrainConfig)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), values)
+    except OmegaConfBaseException as error:  # a value of the wrong type; the message names the key
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"{key}: {error.msg}" if key and getattr(error, "msg", None) else str(error)) from error
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Refuse values the schema's types allow but a run cannot use, before any work starts.
+    """Refuse, before any work starts, what a run cannot use: a key the schema lacks (added with
+    ``+``), a value its type allows but a run cannot use, a model that cannot be built.
 
-    Each error names the key, the value and what is allowed (a ConfigError: one message, exit 2).
+    ``cfg`` is already merged onto the schema. Each error names the key, the value and what is
+    allowed (a ConfigError: one message, exit 2). The checks live in ``vit/config_checks.py``.
     """
-    if not cfg.optim.lr > 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    refuse_unknown_keys(cfg, TrainConfig)
+    check_values(cfg)
+    if OmegaConf.is_missing(cfg, "model"):
+        raise ConfigError(f"no model chosen; add model=NAME, one of {', '.join(list_models())}")
+    try:
+        name, kwargs = model_kwargs(cfg.model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if cfg.train:  # testing alone uses the checkpoint's model, whatever model.* says
+        # The data sets the derived arguments later; any valid stand-in lets the constructor check the rest.
+        probe = {key: (2 if key in DATA_DERIVED and value is None else value) for key, value in kwargs.items()}
+        check_model(name, probe, cfg.data.img_size)
 
 
 # -- the model node ---------------------------------------------------------------------------------
@@ -167,8 +212,10 @@ def model_kwargs(model_cfg: DictConfig | dict[str, Any]) -> tuple[str, dict[str,
     accepted = spec.arguments()
     unknown = sorted(set(cfg) - set(accepted))
     if unknown:
+        close = sorted({match for key in unknown for match in difflib.get_close_matches(key, accepted, n=2)})
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise ValueError(f"model {name!r} has no argument(s) {', '.join(map(repr, unknown))}; "
-                         f"valid: {', '.join(sorted(accepted))}")
+                         f"{hint}valid: {', '.join(sorted(accepted))}")
     for key, value in cfg.items():
         default = accepted[key]
         if value is None or default is None:

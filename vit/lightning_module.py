@@ -14,13 +14,31 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from vit.errors import UserError
+from vit.errors import ConfigError, UserError
 from vit.model import count_parameters
 from vit.registry import create_model
+
+# The metrics logged once per validation epoch and which way each one improves: the ones
+# ``callbacks.monitor`` (checkpointing, early stopping) may name. The config check reads this list,
+# so a misspelt name stops the run at once instead of after an epoch; tests/test_config.py checks
+# that the module logs exactly these names.
+VALIDATION_METRICS: dict[str, str] = {"val/loss": "min", "val/acc": "max", "val/acc_top5": "max"}
+# Top-5 accuracy is logged only above this many classes: with five or fewer it is always 1.
+TOP5_MIN_CLASSES = 5
+# The values of optim.name and optim.scheduler that configure_optimizers knows.
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "constant")
+
+
+def validation_metrics(num_classes: int) -> dict[str, str]:
+    """The entries of VALIDATION_METRICS logged for a dataset of ``num_classes`` classes."""
+    return {name: mode for name, mode in VALIDATION_METRICS.items()
+            if name != "val/acc_top5" or num_classes > TOP5_MIN_CLASSES}
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -94,7 +112,7 @@ class ImageClassifier(L.LightningModule):
 
         def metrics(prefix: str) -> MetricCollection:
             acc = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
-            if self.num_classes > 5:
+            if self.num_classes > TOP5_MIN_CLASSES:
                 acc["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
             return MetricCollection(acc, prefix=prefix)
 
@@ -151,6 +169,20 @@ class ImageClassifier(L.LightningModule):
         self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val", batch_size=len(labels))
         return logits
 
+    def on_fit_start(self) -> None:
+        """Refuse a monitored validation metric this module will not log, before the first step.
+
+        The config check accepts any name in VALIDATION_METRICS; only here is the number of
+        classes known, which decides whether val/acc_top5 exists. Lightning would notice it only
+        when saving the first checkpoint, after a whole epoch.
+        """
+        logged = validation_metrics(self.num_classes)
+        for callback in self.trainer.callbacks:
+            monitor = callback.monitor if isinstance(callback, (ModelCheckpoint, EarlyStopping)) else None
+            if monitor in VALIDATION_METRICS and monitor not in logged:
+                raise ConfigError(f"callbacks.monitor={monitor!r} is not logged for {self.num_classes} classes; "
+                                  f"choose one of {', '.join(logged)}")
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
@@ -191,12 +223,12 @@ class ImageClassifier(L.LightningModule):
         elif optim["name"] == "sgd":
             optimizer = torch.optim.SGD(groups, lr=optim["lr"], momentum=optim["momentum"], nesterov=True)
         else:
-            raise ValueError(f"unknown optimizer {optim['name']!r}; expected 'adamw' or 'sgd'")
+            raise ConfigError(f"unknown optimizer {optim['name']!r}; expected one of {', '.join(OPTIMIZERS)}")
 
         if optim["scheduler"] == "constant":
             return {"optimizer": optimizer}
         if optim["scheduler"] != "cosine":
-            raise ValueError(f"unknown scheduler {optim['scheduler']!r}; expected 'cosine' or 'constant'")
+            raise ConfigError(f"unknown scheduler {optim['scheduler']!r}; expected one of {', '.join(SCHEDULERS)}")
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if optim.get("warmup_steps") is not None:
             warmup = optim["warmup_steps"]

@@ -114,7 +114,11 @@ def check_batch_fits(estimate: MemoryEstimate, available: int, batch_size: int, 
 
 
 def match_model_to_data(name: str, kwargs: dict[str, Any], dataset: str, dm: Any) -> dict[str, Any]:
-    """Fill ``num_classes`` from the dataset and refuse a model that cannot read its images."""
+    """Fill ``num_classes`` from the dataset and refuse a model that cannot read its images.
+
+    ``dm`` is set up: for an in-memory dataset the images themselves are looked at (a file may
+    not hold what its dataset name promises), otherwise what the data module declares.
+    """
     kwargs = dict(kwargs)
     if "num_classes" in kwargs:
         if kwargs["num_classes"] is None:
@@ -122,7 +126,37 @@ def match_model_to_data(name: str, kwargs: dict[str, Any], dataset: str, dm: Any
         elif kwargs["num_classes"] != dm.num_classes:
             raise ConfigError(f"model.num_classes={kwargs['num_classes']} but dataset {dataset!r} has "
                               f"{dm.num_classes} classes; set model.num_classes={dm.num_classes} (or null)")
-    if kwargs.get("in_chans", dm.in_chans) != dm.in_chans:
+    channels, height, width = training_image_shape(dataset, dm)
+    if kwargs.get("in_chans", channels) != channels:
         raise ConfigError(f"model {name!r} expects in_chans={kwargs['in_chans']} but dataset {dataset!r} has "
-                          f"{dm.in_chans}-channel images; set model.in_chans={dm.in_chans}")
+                          f"{channels}-channel images; set model.in_chans={channels}")
+    if "img_size" in kwargs:
+        size = kwargs["img_size"]
+        expected = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if (height, width) != expected:
+            raise ConfigError(f"model {name!r} takes {expected[0]}x{expected[1]} images (model.img_size={size}) but "
+                              f"dataset {dataset!r} gives {height}x{width} after its transforms; set data.img_size="
+                              f"null to resize them to the model's size, or model.img_size={height}")
     return kwargs
+
+
+def training_image_shape(dataset: str, dm: Any) -> tuple[int, int, int]:
+    """(C, H, W) of the training images as the model receives them.
+
+    An in-memory split (``train_set.images``, uint8 N x C x H x W) has one image put through the
+    training transform; a streamed or folder dataset reports what its data module declares.
+    """
+    train_set = getattr(dm, "train_set", None)
+    images = getattr(train_set, "images", None)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or len(images) == 0:
+        return (dm.in_chans, *dm.img_size)
+    if images.shape[1] != dm.in_chans:  # the transform normalises with one mean and std per channel
+        path = getattr(getattr(dm, "cfg", None), "path", None)
+        source = f" read from data.path={path}" if path else ""
+        raise ConfigError(f"the training images of dataset {dataset!r}{source} have {images.shape[1]} channel(s), "
+                          f"but {dataset!r} has {dm.in_chans}-channel images; use a file of "
+                          f"{dm.in_chans}-channel images (N x H x W x {dm.in_chans})")
+    # The augmentation draws random numbers; the seeded stream stays as training will find it.
+    with torch.random.fork_rng(devices=[]):
+        image, _ = train_set[0]
+    return tuple(image.shape)  # type: ignore[return-value]
