@@ -1,6 +1,10 @@
 """Compare finished runs: a table and plots built only from each run's ``results.json`` and
 ``metrics.csv``, written as ``report.md`` and ``report.html`` beside the PNG figures.
 
+Besides final accuracy the table gives *time to accuracy*: the training time at which a run's
+test accuracy (``callbacks.test_curve=true``) first reached each threshold. A model that is
+better in the end is not always the one to choose when compute is short.
+
 ``python compare.py RUN_DIR_OR_SWEEP_DIR... [--out DIR]``
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("val_acc", "best val acc", "{:.4f}"),
     ("test_acc", "test acc", "{:.4f}"),
 )
+THRESHOLDS: tuple[float, ...] = (0.90, 0.95, 0.99)  # test accuracies whose time to reach is reported
 
 
 @dataclass
@@ -64,14 +69,29 @@ def find_runs(paths: Sequence[str | Path]) -> list[RunRecord]:
     return runs
 
 
-def table_rows(runs: Sequence[RunRecord]) -> list[list[str]]:
-    """Formatted cells, one row per run, in ``COLUMNS`` order; a missing figure shows as '-'."""
+def time_to_accuracy(run: RunRecord, threshold: float) -> float | None:
+    """Training seconds at the end of the first epoch whose test accuracy reached ``threshold``;
+    None when it never did, or when the run logged no test curve."""
+    accuracy, seconds = run.curves.get("curve/test_acc", {}), run.curves.get("curve/train_time_s", {})
+    return next((seconds[epoch] for epoch in sorted(accuracy)
+                 if accuracy[epoch] >= threshold and epoch in seconds), None)
+
+
+def table_headers(thresholds: Sequence[float] = THRESHOLDS) -> list[str]:
+    return [title for _, title, _ in COLUMNS] + [f"time to {t:g} (s)" for t in thresholds]
+
+
+def table_rows(runs: Sequence[RunRecord], thresholds: Sequence[float] = THRESHOLDS) -> list[list[str]]:
+    """Formatted cells, one row per run, in :func:`table_headers` order; a missing figure shows as '-'."""
     rows = []
     for run in runs:
         row = []
         for key, _, fmt in COLUMNS:
             value = run.results.get(key)
             row.append("-" if value is None else fmt.format(value))
+        for threshold in thresholds:
+            seconds = time_to_accuracy(run, threshold)
+            row.append("-" if seconds is None else f"{seconds:,.1f}")
         rows.append(row)
     return rows
 
@@ -79,9 +99,12 @@ def table_rows(runs: Sequence[RunRecord]) -> list[list[str]]:
 def _plot_curves(runs: Sequence[RunRecord], x_key: str | None, xlabel: str, path: Path) -> Path | None:
     """Test accuracy per epoch (``x_key`` None) or against cumulative training time; runs made
     without ``callbacks.test_curve=true`` fall back to validation accuracy, said in the legend."""
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    # Many runs stay apart by colour and line style together; time spans decades, so log scale.
+    colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    styles = ("-", "--", "-.", ":")
     drawn = False
-    for run in runs:
+    for i, run in enumerate(runs):
         y_key, what = ("curve/test_acc", "test") if "curve/test_acc" in run.curves else ("val/acc", "val")
         ys = run.curves.get(y_key, {})
         if x_key is None:
@@ -90,15 +113,18 @@ def _plot_curves(runs: Sequence[RunRecord], x_key: str | None, xlabel: str, path
             xs = run.curves.get(x_key, {})
             points = [(xs[epoch], ys[epoch]) for epoch in sorted(ys) if epoch in xs]
         if points:
-            ax.plot(*zip(*points), marker="o", markersize=3, label=f"{run.label} [{what}]")
+            ax.plot(*zip(*points), marker="o", markersize=2.5, linewidth=1.3, color=colours[i % len(colours)],
+                    linestyle=styles[(i // len(colours)) % len(styles)], label=f"{run.label} [{what}]")
             drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel(xlabel)
+    if x_key is not None:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel + (" (log scale)" if x_key is not None else ""))
     ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -122,6 +148,17 @@ def _plot_params_vs_accuracy(runs: Sequence[RunRecord], path: Path) -> Path:
     return path
 
 
+def _report_path(run_dir: Path, out_dir: Path) -> str:
+    """How the report names a run: its path relative to the report's folder when the run lies
+    inside that folder, otherwise the run's folder name alone. A report is often committed or
+    shared, so it never carries the absolute paths of the machine that made it."""
+    run_dir = run_dir.resolve()
+    try:
+        return run_dir.relative_to(out_dir.resolve()).as_posix()
+    except ValueError:
+        return run_dir.name
+
+
 def write_report(runs: Sequence[RunRecord], out_dir: Path, extra_images: Sequence[Path] = ()) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and the figures into ``out_dir``; returns their paths."""
     if not runs:
@@ -136,9 +173,9 @@ def write_report(runs: Sequence[RunRecord], out_dir: Path, extra_images: Sequenc
     for image in extra_images:
         shutil.copy(image, out_dir / image.name)
     images = [p.name for p in figures.values() if p is not None] + [p.name for p in extra_images]
-    headers = [title for _, title, _ in COLUMNS]
+    headers = table_headers()
     rows = table_rows(runs)
-    sources = [str(run.path) for run in runs]
+    sources = [_report_path(run.path, out_dir) for run in runs]
 
     markdown = ["# Model comparison", "",
                 "Every figure below is read from the runs' `results.json` and `metrics.csv`.", "",
