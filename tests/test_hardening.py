@@ -1,8 +1,10 @@
 """Bad input gets a clear error, faults lose nothing, checkpoints are safe to load."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vit
-from vit.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
-from vit.errors import CheckpointError, ConfigError
+from vit.checkpoints import AtomicCheckpointIO, load_checkpoint
+from vit.errors import CheckpointError, ConfigError, DiskFullError, UserError
 from vit.lightning_module import NonFiniteLossError
 from vit.inference import load_classifier
+from vit.reports import write_results
 from vit.training import run
 
 from test_training import EMBEDDED, REPO, compose_train, quick, train_py
@@ -79,6 +82,74 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
+def test_a_full_disk_while_checkpointing_is_one_message_and_the_last_checkpoint_survives(tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def disk_fills_after_the_first_epoch(obj, stream, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:  # epoch 1: the best checkpoint and last.ckpt
+            return real_save(obj, stream, *args, **kwargs)
+        stream.write(b"the first bytes of a checkpoint")
+        try:  # what torch.save does when the device fills: a RuntimeError raised while handling the OSError
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+
+    monkeypatch.setattr(torch, "save", disk_fills_after_the_first_epoch)
+    folder = tmp_path / "checkpoints"
+    message = rf"no space left on the device of {re.escape(str(folder))}: writing \S+\.ckpt needs about [\d,]+ bytes"
+    with pytest.raises(DiskFullError, match=message) as raised:
+        run(compose_train(*quick(tmp_path, "model=linear_mnist", "trainer.max_epochs=3", "test=false")))
+    assert isinstance(raised.value, UserError)  # train.py: one message, exit 2
+    monkeypatch.undo()
+    assert load_checkpoint(folder / "last.ckpt")["global_step"] == 4  # the first epoch's, intact
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_a_full_disk_while_writing_results_is_one_message_and_the_previous_file_stays(tmp_path, monkeypatch):
+    path = write_results(tmp_path / "results.json", {"test_acc": 0.5})
+
+    def device_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", device_full)
+    results = {"test_acc": 0.9, "model": "vit_mnist"}
+    needed = len(json.dumps(results, indent=2)) + 1
+    message = rf"device of {re.escape(str(tmp_path))}: writing results.json needs about {needed} bytes"
+    with pytest.raises(DiskFullError, match=message):
+        write_results(path, results)
+    assert json.loads(path.read_text()) == {"test_acc": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+# -- testing a checkpoint: the checkpoint's model ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def linear_checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("linear")
+    return Path(run(compose_train(*quick(out, "model=linear_mnist", "test=false")))["best_checkpoint"])
+
+
+def test_testing_a_checkpoint_tests_and_records_the_checkpoints_model(tmp_path, linear_checkpoint):
+    stored = load_checkpoint(linear_checkpoint)["hyper_parameters"]
+    # the command line names the default model, vit_mnist; the checkpoint holds linear_mnist
+    results = run(compose_train(*quick(tmp_path, "train=false", f"ckpt_path={linear_checkpoint}")))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["model"] == "linear_mnist" and saved["params"] == 7850
+    assert saved["model_config"] == stored["model_kwargs"]
+    assert saved["ckpt_path"] == str(linear_checkpoint) and saved["test_split"] == "test"
+    assert results["test_acc"] > 0.3
+
+
+def test_testing_a_checkpoint_on_data_its_model_cannot_read_is_one_message(tmp_path, linear_checkpoint, datasets_root):
+    with pytest.raises(ConfigError, match=r"holds model 'linear_mnist' for 10 classes of 1-channel images, but data "
+                                          r"'cifar2' has 2 classes of 3-channel images"):
+        run(compose_train(*quick(tmp_path, "train=false", f"ckpt_path={linear_checkpoint}", "data=cifar2",
+                                 "data.source=npz", f"data.path={datasets_root / 'cifar10_jpeg_subset.npz'}")))
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_nan_loss_stops_with_the_step_and_learning_rate(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"at global step \d+ \(learning rate 1e\+30\)"):
         run(compose_train(*quick(tmp_path, "model=linear_mnist", "optim=sgd", "optim.lr=1e30",
@@ -88,17 +159,6 @@ def test_nan_loss_stops_with_the_step_and_learning_rate(tmp_path):
 def test_batch_larger_than_the_dataset(tmp_path):
     with pytest.raises(ConfigError, match=r"data.batch_size=512 is larger than the training set of mnist5k, which has 256 samples"):
         run(compose_train(*quick(tmp_path, "model=linear_mnist", "data.batch_size=512")))
-
-
-def test_ckpt_path_last_finds_the_newest_sibling_run(tmp_path):
-    for name, age in (("old", 100), ("new", 10)):
-        path = tmp_path / name / "checkpoints" / "last.ckpt"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(b"x")
-        os.utime(path, (time.time() - age, time.time() - age))
-    assert resolve_ckpt_path("last", tmp_path / "current") == tmp_path / "new" / "checkpoints" / "last.ckpt"
-    with pytest.raises(CheckpointError, match="no earlier run"):
-        resolve_ckpt_path("last", tmp_path / "empty" / "current")
 
 
 @pytest.mark.slow

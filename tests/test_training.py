@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,7 @@ def test_a_run_leaves_results_curves_and_checkpoints(tmp_path):
     assert saved == json.loads(json.dumps(results))
     assert saved["model"] == "linear_mnist" and saved["dataset"] == "mnist5k"
     assert saved["params"] == 7850 and saved["epochs"] == 2 and saved["global_step"] == 2 * 4  # 256 / 64
+    assert saved["interrupted"] is False and saved["test_split"] == "test" and saved["ckpt_path"] is None
     assert saved["train_time_s"] > 0 and saved["train_images_per_s"] > 0
     for key in ("val_acc", "test_acc"):
         assert 0.5 < saved[key] <= 1.0  # a linear model on real digits beats chance (0.1) after 512 images
@@ -106,6 +109,31 @@ def test_a_run_leaves_results_curves_and_checkpoints(tmp_path):
         assert (tmp_path / name).is_file(), name
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert {"train/loss_epoch", "val/acc", "test/acc", "val/acc_top5"} <= set(header.split(","))
+
+
+def test_the_run_log_gets_the_epoch_summaries_and_lightning_keeps_earlier_files(tmp_path, caplog):
+    # What Hydra puts into a run folder before the run starts: the CSV logger must leave it alone.
+    (tmp_path / ".hydra").mkdir(parents=True)
+    (tmp_path / ".hydra" / "config.yaml").write_text("seed: 42\n")
+    (tmp_path / "train.log").write_text("")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="vit"):
+        warnings.simplefilter("always")
+        run(compose_train(*quick(tmp_path, "model=linear_mnist", "trainer.max_epochs=2", "test=false")))
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    summaries = [r.getMessage() for r in caplog.records if r.name == "vit.callbacks"]
+    assert [line.split(" | ")[0] for line in summaries] == ["epoch 1/2", "epoch 2/2"]
+    assert (tmp_path / ".hydra" / "config.yaml").is_file() and (tmp_path / "metrics.csv").is_file()
+
+
+@pytest.mark.slow
+def test_train_py_writes_one_summary_line_per_epoch_into_train_log(tmp_path):
+    done = train_py("model=linear_mnist", f"data.root={EMBEDDED}", "trainer.max_epochs=2", "data.max_train_samples=256",
+                    "test=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    assert len([line for line in lines if " - epoch 1/2 | train loss" in line]) == 1
+    assert len([line for line in lines if " - epoch 2/2 | train loss" in line]) == 1
+    assert "exists and is not empty" not in done.stdout + done.stderr
 
 
 def test_testing_a_checkpoint_reproduces_its_score(tmp_path):

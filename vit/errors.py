@@ -15,3 +15,8 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable, unsafe or made for another model."""
+
+
+class DiskFullError(UserError, OSError):
+    """A file could not be written for lack of space (or quota) on its device; the file that was
+    there before, if any, is unchanged."""

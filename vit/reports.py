@@ -98,5 +98,12 @@ def _plain(value: Any) -> Any:
 
 
 def write_results(path: Path, results: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(_plain(results), indent=2) + "\n")
+    """``results`` as JSON, written all or nothing: a reader never sees half a file, and a full
+    disk is one message naming the folder and the bytes needed (DiskFullError), the previous
+    file left as it was."""
+    # Imported here: vit.checkpoints brings Lightning, which compare.py, reading results, does not need.
+    from vit.checkpoints import write_atomically
+
+    data = (json.dumps(_plain(results), indent=2) + "\n").encode()
+    write_atomically(path, lambda stream: stream.write(data), len(data))
     return path

@@ -1,8 +1,10 @@
 """One training run from a composed config: build, fit, test, and leave results behind.
 
 ``train.py`` hands Hydra's config to :func:`run`; tests call it directly. The run
-directory receives ``checkpoints/``, ``metrics.csv``, ``results.json``, curves and
-the confusion matrix. Only global rank zero writes files other than checkpoints.
+directory receives ``checkpoints/`` (the best and ``last.ckpt``), ``metrics.csv``,
+``results.json``, curves and the confusion matrix. Only global rank zero writes files other
+than checkpoints. A run stopped with Ctrl-C still leaves ``last.ckpt`` and a ``results.json``
+that says ``"interrupted": true`` and how far it got.
 """
 from __future__ import annotations
 
@@ -15,15 +17,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from vit.callbacks import EpochSummary, TestCurve, TrainingClock
-from vit.config import TrainConfig, TrainerConfig, check_config, model_kwargs
+from vit.callbacks import EpochSummary, RunFolderCSVLogger, TestCurve, TrainingClock
+from vit.config import TrainerConfig, as_schema, check_config, model_kwargs
 from vit.data import DataConfig, build_datamodule, plan_data
 from vit.distributed import (SameRunDirectory, StopAllRanksOnError, build_strategy, devices_per_node,
                              keep_file_logs_on_rank_zero, per_device_batch_size)
-from vit.checkpoints import AtomicCheckpointIO, check_compatible, load_checkpoint, resolve_ckpt_path
+from vit.checkpoints import (AtomicCheckpointIO, LastCheckpoint, check_compatible, load_checkpoint,
+                             resolve_ckpt_path)
 from vit.errors import ConfigError
 from vit.inference import classifier_from_checkpoint
 from vit.lightning_module import ImageClassifier
@@ -34,26 +37,28 @@ from vit.reports import plot_confusion_matrix, plot_curves, write_results
 log = logging.getLogger(__name__)
 
 
-def _as_schema(cfg: DictConfig | dict[str, Any]) -> DictConfig:
-    """Merge onto the typed schema so that runs outside Hydra are validated the same way."""
-    schema = OmegaConf.structured(TrainConfig)
-    return OmegaConf.merge(schema, cfg)
-
-
-def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock, dm: Any) -> L.Trainer:
+def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock, dm: Any,
+                  from_here: bool = False) -> L.Trainer:
+    """The Trainer for ``cfg``; ``from_here``: the run starts from a checkpoint of this same folder."""
     trainer_args = asdict(OmegaConf.to_object(cfg.trainer))
     # A redrawn bar fills log files with thousands of lines; the epoch summary is readable there.
     trainer_args["enable_progress_bar"] &= sys.stdout.isatty()
     trainer_args["strategy"] = build_strategy(cfg.trainer.strategy, cfg.trainer.accelerator, cfg.distributed)
+    checkpoints = output_dir / "checkpoints"
     callbacks: list[L.Callback] = [
         clock,
-        ModelCheckpoint(dirpath=output_dir / "checkpoints", monitor=cfg.callbacks.monitor, mode=cfg.callbacks.mode,
-                        save_top_k=cfg.callbacks.save_top_k, save_last=cfg.callbacks.save_last,
+        # The best save_top_k on the monitored metric. last.ckpt is LastCheckpoint's, below. Without the
+        # version counter, a file of the same name (same epoch and step: a stopped run of this folder
+        # repeating a save) is rewritten instead of doubled as "-v1".
+        ModelCheckpoint(dirpath=checkpoints, monitor=cfg.callbacks.monitor, mode=cfg.callbacks.mode,
+                        save_top_k=cfg.callbacks.save_top_k, save_last=False, enable_version_counter=False,
                         filename="epoch{epoch:03d}-step{step}", auto_insert_metric_name=False),
         LearningRateMonitor(logging_interval="epoch"),
         SameRunDirectory(output_dir),
         StopAllRanksOnError(),
     ]
+    if cfg.callbacks.save_last:
+        callbacks.append(LastCheckpoint(checkpoints))
     if cfg.callbacks.test_curve:
         callbacks.append(TestCurve(clock, dm.test_dataloader))
     if cfg.callbacks.epoch_summary:
@@ -61,7 +66,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock, dm: A
     if cfg.callbacks.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(cfg.callbacks.monitor, mode=cfg.callbacks.mode,
                                        patience=cfg.callbacks.early_stopping_patience))
-    loggers: list[Any] = [CSVLogger(save_dir=output_dir, name="", version="")]
+    loggers: list[Any] = [RunFolderCSVLogger(output_dir, resuming=from_here)]
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=output_dir, name="tensorboard", version=""))
     return L.Trainer(**trainer_args, default_root_dir=output_dir, logger=loggers, callbacks=callbacks,
@@ -70,7 +75,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock, dm: A
 
 def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Train and/or test as ``cfg`` says; returns what is written to ``results.json``."""
-    cfg = _as_schema(cfg)
+    cfg = as_schema(cfg)
     check_config(cfg)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else _hydra_output_dir()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +86,81 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         name, kwargs = model_kwargs(cfg.model)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir, name, cfg.data.name)
+    # Read once here so that an unsafe file or one made for another model stops the run
+    # before any work, with a message; Lightning reads it again to restore the full state.
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if not cfg.train:
+        if checkpoint is None:
+            raise ConfigError("train=false needs ckpt_path=PATH to a checkpoint to test")
+        # Testing a checkpoint tests the model stored in it, whatever model= says.
+        stored = checkpoint["hyper_parameters"]
+        name, kwargs = stored["model_name"], dict(stored["model_kwargs"])
+        log.info("train=false: testing the model stored in %s (%s); model.* settings do not apply", ckpt_path, name)
+
+    data_cfg, dm, device = _data(cfg, kwargs)
+    if cfg.train:
+        kwargs = match_model_to_data(name, kwargs, data_cfg.name, dm)
+        try:
+            module = ImageClassifier(name, kwargs, optim=OmegaConf.to_container(cfg.optim),
+                                     loss=OmegaConf.to_container(cfg.loss), class_names=list(dm.class_names),
+                                     mean=list(dm.mean), std=list(dm.std))
+        except ValueError as error:  # the model refused its arguments, and said which
+            raise ConfigError(f"model {name!r}: {error}") from error
+        if checkpoint is not None:
+            check_compatible(checkpoint["state_dict"], module, ckpt_path)
+    else:
+        _check_stored_model_fits_data(name, kwargs, data_cfg.name, dm, ckpt_path)
+        module = classifier_from_checkpoint(checkpoint)
+    del checkpoint
+
+    if cfg.train and cfg.preflight:
+        _check_memory(cfg, module, dm, device)
+
+    num_parameters = module.num_parameters  # counted before FSDP replaces the parameters by shards
+    clock = TrainingClock()
+    # A checkpoint of this same folder: its metrics.csv is this run's history, to be continued.
+    from_here = ckpt_path is not None and output_dir.resolve() in ckpt_path.resolve().parents
+    trainer = build_trainer(cfg, output_dir, clock, dm, from_here=from_here)
+    log.info("model %s: %s parameters; data %s: %d training images; output %s",
+             name, f"{module.num_parameters:,}", data_cfg.name, dm.num_train_samples, output_dir)
+
+    def results_so_far(test_metrics: dict[str, float], interrupted: bool) -> dict[str, Any]:
+        return _results(cfg, name, module, num_parameters, dm, trainer, clock, test_metrics, ckpt_path,
+                        interrupted=interrupted)
+
+    test_metrics: dict[str, float] = {}
+    try:
+        if cfg.train:
+            # Lightning unwraps a compiled module (its steps stay compiled), so checkpoints keep plain keys.
+            fit_module = torch.compile(module) if cfg.compile else module
+            trainer.fit(fit_module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
+        if cfg.test:
+            ckpt_callback = trainer.checkpoint_callback
+            best = ckpt_callback.best_model_path if cfg.train and ckpt_callback and ckpt_callback.best_model_path \
+                else None
+            test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
+    except SystemExit:
+        # Lightning answers Ctrl-C by calling the callbacks' on_exception (LastCheckpoint saves there),
+        # then sys.exit(1). Before leaving, say in the run folder what happened and how far the run got.
+        if trainer.interrupted and trainer.is_global_zero:
+            write_results(output_dir / "results.json", results_so_far({}, interrupted=True))
+            log.info("interrupted after %d whole epoch(s), at global step %d (results.json says so); the same "
+                     "command plus ckpt_path=last continues the run", trainer.current_epoch, trainer.global_step)
+        raise
+
+    results = results_so_far(test_metrics, interrupted=False)
+    results.update(_measure(_whole_model(trainer, module), dm))
+    if cfg.test:  # gathers every rank's counts (a collective, so all ranks take part); rank zero reuses the cached value
+        module.test_confusion.compute()
+    if trainer.is_global_zero:
+        _write_outputs(output_dir, module, dm, results, tested=bool(cfg.test))
+        log.info("test accuracy %s | results in %s", _fmt(results.get("test_acc")), output_dir / "results.json")
+    return results
+
+
+def _data(cfg: DictConfig, kwargs: dict[str, Any]) -> tuple[DataConfig, Any, torch.device]:
+    """The data module, set up for fitting, for a model built with ``kwargs``; its config; the device."""
     data_cfg: DataConfig = OmegaConf.to_object(cfg.data)
     if data_cfg.img_size is None and "img_size" in kwargs:
         size = kwargs["img_size"]
@@ -98,54 +178,20 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         dm.setup("fit")
     except ValueError as error:  # the data module names the bad setting
         raise ConfigError(str(error)) from error
-    kwargs = match_model_to_data(name, kwargs, data_cfg.name, dm)
+    return data_cfg, dm, device
 
-    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
-    # Read once here so that an unsafe file or one made for another model stops the run
-    # before training, with a message; Lightning reads it again to restore the full state.
-    checkpoint = load_checkpoint(ckpt_path) if ckpt_path is not None else None
-    if cfg.train:
-        try:
-            module = ImageClassifier(name, kwargs, optim=OmegaConf.to_container(cfg.optim),
-                                     loss=OmegaConf.to_container(cfg.loss), class_names=list(dm.class_names),
-                                     mean=list(dm.mean), std=list(dm.std))
-        except ValueError as error:  # the model refused its arguments, and said which
-            raise ConfigError(f"model {name!r}: {error}") from error
-        if checkpoint is not None:
-            check_compatible(checkpoint["state_dict"], module, ckpt_path)
-    else:
-        if checkpoint is None:
-            raise ConfigError("train=false needs ckpt_path=PATH to a checkpoint to test")
-        module = classifier_from_checkpoint(checkpoint)
-    del checkpoint
 
-    if cfg.train and cfg.preflight:
-        _check_memory(cfg, module, dm, device)
-
-    num_parameters = module.num_parameters  # counted before FSDP replaces the parameters by shards
-    clock = TrainingClock()
-    trainer = build_trainer(cfg, output_dir, clock, dm)
-    log.info("model %s: %s parameters; data %s: %d training images; output %s",
-             name, f"{module.num_parameters:,}", data_cfg.name, dm.num_train_samples, output_dir)
-
-    if cfg.train:
-        # Lightning unwraps a compiled module (its steps stay compiled), so checkpoints keep plain keys.
-        fit_module = torch.compile(module) if cfg.compile else module
-        trainer.fit(fit_module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
-    test_metrics: dict[str, float] = {}
-    if cfg.test:
-        ckpt_callback = trainer.checkpoint_callback
-        best = ckpt_callback.best_model_path if cfg.train and ckpt_callback and ckpt_callback.best_model_path else None
-        test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
-
-    results = _results(cfg, name, module, num_parameters, dm, trainer, clock, test_metrics)
-    results.update(_measure(_whole_model(trainer, module), dm))
-    if cfg.test:  # gathers every rank's counts (a collective, so all ranks take part); rank zero reuses the cached value
-        module.test_confusion.compute()
-    if trainer.is_global_zero:
-        _write_outputs(output_dir, module, dm, results, tested=bool(cfg.test))
-        log.info("test accuracy %s | results in %s", _fmt(results.get("test_acc")), output_dir / "results.json")
-    return results
+def _check_stored_model_fits_data(name: str, kwargs: dict[str, Any], dataset: str, dm: Any, ckpt_path: Path) -> None:
+    """Refuse to test a checkpoint's model on data it cannot read, in terms of the checkpoint:
+    match_model_to_data's advice to change model.* does not apply to a stored model."""
+    try:
+        match_model_to_data(name, kwargs, dataset, dm)
+    except ConfigError as error:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} holds model {name!r} for {kwargs.get('num_classes', '?')} classes of "
+            f"{kwargs.get('in_chans', '?')}-channel images, but data {dataset!r} has {dm.num_classes} classes of "
+            f"{dm.in_chans}-channel images ({error}). With train=false the model is the checkpoint's (model.* "
+            f"settings do not change it): test it on data like the data it was trained on") from error
 
 
 def _whole_model(trainer: L.Trainer, module: ImageClassifier) -> torch.nn.Module:
@@ -164,7 +210,8 @@ def _measure(model: torch.nn.Module, dm: Any, batch_size: int = 64) -> dict[str,
 
 
 def _results(cfg: DictConfig, name: str, module: ImageClassifier, num_parameters: int, dm: Any, trainer: L.Trainer,
-             clock: TrainingClock, test_metrics: dict[str, float]) -> dict[str, Any]:
+             clock: TrainingClock, test_metrics: dict[str, float], ckpt_path: Path | None,
+             interrupted: bool) -> dict[str, Any]:
     ckpt_callback = trainer.checkpoint_callback
     best_val = ckpt_callback.best_model_score if ckpt_callback is not None else None
     world = trainer.world_size
@@ -172,8 +219,9 @@ def _results(cfg: DictConfig, name: str, module: ImageClassifier, num_parameters
         "model": name,
         "dataset": cfg.data.name,
         "params": num_parameters,
-        "epochs": trainer.current_epoch if cfg.train else 0,
+        "epochs": trainer.current_epoch if cfg.train else 0,  # whole epochs
         "global_step": trainer.global_step,
+        "interrupted": interrupted,  # stopped by Ctrl-C: no test figures, last.ckpt continues it
         "train_time_s": round(clock.train_time_s, 3),
         # every rank processed as many images as rank zero, concurrently
         "train_images_per_s": round(clock.images_per_s * world, 2),
@@ -181,7 +229,11 @@ def _results(cfg: DictConfig, name: str, module: ImageClassifier, num_parameters
         "test_acc": test_metrics.get("test/acc"),
         "test_acc_top5": test_metrics.get("test/acc_top5"),
         "test_loss": test_metrics.get("test/loss"),
+        # image folders without test/ are tested on val/, and say so
+        "test_split": getattr(dm, "test_split", "test"),
         "best_checkpoint": (ckpt_callback.best_model_path or None) if ckpt_callback is not None else None,
+        # the checkpoint this run continued (train=true) or tested (train=false)
+        "ckpt_path": str(ckpt_path) if ckpt_path is not None else None,
         "skipped_files": list(dm.skipped_files),
         "skipped_count": len(dm.skipped_files),
         "batch_size": cfg.data.batch_size,  # per device
