@@ -183,6 +183,30 @@ CONFIG_CASES = [
     (["model.depth=2.5"], ConfigError, r"model\.depth must be int .*got 2\.5"),
     (["model.in_chans=0"], ConfigError, r"in_chans must be positive, got 0"),
     (["model=cnn_cifar", "model.img_size=4"], ConfigError, r"img_size must be >= 8, got 4"),
+    # fine-tuning (issue #16): weights, frozen layers, layer decay, EMA, the data's normalisation
+    (["+model.init_frm=w.pth"], ConfigError, r"'init_frm'.*did you mean init_from"),
+    (["model=cnn_mnist", "model.init_from=w.pth"], ConfigError,
+     r"model\.init_from=w\.pth: model 'cnn_mnist' \(SmallCNN\) does not load pretrained ViT weights"),
+    (["optim.layer_decay=0"], ConfigError, r"optim\.layer_decay must be a number in \(0, 1\], got 0\.0"),
+    (["optim.layer_decay=1.5"], ConfigError, r"optim\.layer_decay .*got 1\.5"),
+    (["model=cnn_mnist", "optim.layer_decay=0.75"], ConfigError,
+     r"optim\.layer_decay=0\.75 with model 'cnn_mnist': SmallCNN has no transformer blocks"),
+    (["finetune.freeze=head"], ConfigError, r"finetune\.freeze must be one of none, backbone, all_but_last_n.*'head'"),
+    (["finetune.freeze=backbon"], ConfigError, r"finetune\.freeze .*did you mean backbone"),
+    (["finetune.last_n=0"], ConfigError, r"finetune\.last_n must be an integer >= 1 .*got 0"),
+    (["finetune.freeze=all_but_last_n", "finetune.last_n=2"], ConfigError,
+     r"finetune\.freeze=all_but_last_n with model 'vit_mnist': finetune\.last_n must be in \[1, 1\].*got 2"),
+    (["model=cnn_mnist", "finetune.freeze=backbone"], ConfigError,
+     r"finetune\.freeze=backbone with model 'cnn_mnist': SmallCNN has no get_classifier"),
+    (["callbacks.ema_decay=1.0"], ConfigError, r"callbacks\.ema_decay must be a number in \(0, 1\), got 1\.0"),
+    (["callbacks.ema_decay=0"], ConfigError, r"callbacks\.ema_decay .*got 0\.0"),
+    (["callbacks.ema=true", "trainer.strategy=fsdp"], ConfigError, r"callbacks\.ema=true with trainer\.strategy=fsdp"),
+    (["data.mean=[0.5]"], ConfigError, r"data\.mean is set but data\.std is not"),
+    (["data.mean=[0.5]", "data.std=[0.2,0.2]"], ConfigError, r"one value per channel each, got 1 and 2"),
+    (["data.mean=[0.5]", "data.std=[0]"], ConfigError, r"data\.std must be > 0 .*\[0\.0\]"),
+    (["data.crop_pct=0.9"], ConfigError, r"data\.crop_pct applies to image folders.*'mnist5k'"),
+    (["data=imagefolder", "data.crop_pct=1.5"], ConfigError, r"data\.crop_pct must be in \(0, 1\].*got 1\.5"),
+    (["data=imagefolder", "data.interpolation=cubic"], ConfigError, r"data\.interpolation 'cubic'.*'bicubic'"),
 ]
 
 
@@ -207,6 +231,8 @@ DATA_CASES = [
     (["model=vit_cifar"], ConfigError, r"'vit_cifar' expects in_chans=3 .*1-channel"),
     (["model.num_classes=5"], ConfigError, r"model\.num_classes=5 but dataset 'mnist5k' has 10 classes"),
     (["model=linear_mnist", "model.num_classes=2"], ConfigError, r"model\.num_classes=2 .*10 classes"),
+    (["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"], ConfigError,
+     r"data\.mean=\[0\.5, 0\.5, 0\.5\] has 3 value\(s\), but 'mnist5k' has 1-channel images"),
 ]
 
 

@@ -71,7 +71,7 @@ def test_hydra_keys_still_work():
 def shipped_configs() -> list[list[str]]:
     """One composition per config file in conf/: each group option, each experiment."""
     runs = []
-    for group in ("model", "data", "optim", "trainer", "logger", "callbacks", "experiment"):
+    for group in ("model", "data", "optim", "trainer", "logger", "callbacks", "experiment", "debug", "hparams_search"):
         for path in sorted((CONF / group).glob("*.yaml")):
             runs.append([f"{group}={path.stem}"] + (["data.path=shards_folder"] if path.stem == "shards" else []))
     return runs

@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vit.conf_dir import conf_dir
-from vit.config_checks import check_model, check_values, refuse_unknown_keys
+from vit.config_checks import check_finetune, check_model, check_values, refuse_unknown_keys
 from vit.data import DataConfig
 from vit.errors import ConfigError
 from vit.registry import get_model_spec, list_models
@@ -38,6 +38,10 @@ class OptimConfig:
     warmup_epochs: float = 1.0  # fraction of an epoch allowed; warmup_steps wins when set
     warmup_steps: Optional[int] = None
     min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
+    # Layer-wise learning-rate decay for fine-tuning (BEiT): block i of L trains at
+    # lr * layer_decay ** (L - i), the embeddings at lr * layer_decay ** (L + 1), the head at lr.
+    # None: one learning rate for every layer. See vit/finetune.py.
+    layer_decay: Optional[float] = None
 
 
 @dataclass
@@ -112,6 +116,22 @@ class CallbacksConfig:
     early_stopping_patience: Optional[int] = None  # epochs without improvement; None disables
     epoch_summary: bool = True
     test_curve: bool = False  # test accuracy after every epoch (for comparison plots)
+    # An exponential moving average of the weights, used for validation, the checkpoints and the
+    # test (vit.finetune.EMA); ema_decay is its decay per optimizer step.
+    ema: bool = False
+    ema_decay: float = 0.999
+
+
+@dataclass
+class FinetuneConfig:
+    """Which parameters train (vit/finetune.py); the weights to start from are ``model.init_from``.
+
+    freeze: "none" (all train), "backbone" (only the classifier head: a linear probe) or
+        "all_but_last_n" (the last ``last_n`` blocks, the final norm and the head).
+    """
+
+    freeze: str = "none"
+    last_n: int = 1
 
 
 @dataclass
@@ -126,6 +146,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # torch.compile the LightningModule for training (Lightning unwraps it: checkpoint keys stay plain).
     compile: bool = False
     # Estimate the memory of a training step before training and stop if it cannot fit (vit/preflight.py).
@@ -190,26 +211,44 @@ def check_config(cfg: DictConfig) -> None:
         # The data sets the derived arguments later; any valid stand-in lets the constructor check the rest.
         probe = {key: (2 if key in DATA_DERIVED and value is None else value) for key, value in kwargs.items()}
         check_model(name, probe, cfg.data.img_size)
+        check_finetune(cfg, name, probe, model_init_from(cfg.model))
 
 
 # -- the model node ---------------------------------------------------------------------------------
 
 # Arguments a model config leaves to the data: null means "take it from the dataset".
 DATA_DERIVED = ("num_classes",)
+# Keys of the model node that are not constructor arguments, with their defaults. init_from names
+# the pretrained weights a training run starts from (vit.pretrained.load_pretrained); the run
+# loads them once, so they are not part of what rebuilds the model from a checkpoint.
+MODEL_NODE_KEYS: dict[str, Any] = {"init_from": None}
+
+
+def model_init_from(model_cfg: DictConfig | dict[str, Any]) -> str | None:
+    """``model.init_from``: the pretrained weights to start from, or None."""
+    value = model_cfg.get("init_from") if isinstance(model_cfg, (DictConfig, dict)) else None
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"model.init_from must be a path, a hub checkpoint folder or timm:NAME, got {value!r}")
+    return value
 
 
 def model_kwargs(model_cfg: DictConfig | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Split a model node into the registered name and checked constructor keywords.
 
-    Raises ValueError naming an unknown model, an unknown key or a value whose type
+    The node's other keys (``MODEL_NODE_KEYS``: ``init_from``) are accepted and left out of the
+    keywords. Raises ValueError naming an unknown model, an unknown key or a value whose type
     does not match the argument's default.
     """
     cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     if "name" not in cfg:
         raise ValueError(f"the model config needs a 'name' (one of {', '.join(list_models())})")
     name = cfg.pop("name")
+    for key in MODEL_NODE_KEYS:
+        cfg.pop(key, None)
     spec = get_model_spec(name)
-    accepted = spec.arguments()
+    accepted = {**spec.arguments(), **MODEL_NODE_KEYS}
     unknown = sorted(set(cfg) - set(accepted))
     if unknown:
         close = sorted({match for key in unknown for match in difflib.get_close_matches(key, accepted, n=2)})
@@ -241,11 +280,12 @@ def _same_kind(value: Any, default: Any) -> bool:
 def model_config_yaml(name: str) -> str:
     """The text of ``conf/model/<name>.yaml``: every constructor argument with the variant's value."""
     spec = get_model_spec(name)
-    values = {"name": name}
+    values = {"name": name, **MODEL_NODE_KEYS}
     for key, value in spec.arguments().items():
         values[key] = None if key in DATA_DERIVED else (list(value) if isinstance(value, tuple) else value)
     header = (f"# {name}: {spec.description}\n"
-              f"# Generated from the registry by `python -m vit.config`; every key is a constructor argument.\n"
+              f"# Generated from the registry by `python -m vit.config`; every key but init_from is a constructor\n"
+              f"# argument. init_from: pretrained weights to start from (a file, a hub folder or timm:NAME).\n"
               f"# num_classes: null takes the number of classes from the dataset.\n")
     return header + yaml.safe_dump(values, sort_keys=False)
 

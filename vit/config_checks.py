@@ -24,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vit.data import resolve_config
 from vit.errors import ConfigError
+from vit.finetune import FREEZE_CHOICES, frozen_names, num_layers
 from vit.lightning_module import OPTIMIZERS, SCHEDULERS, VALIDATION_METRICS
 from vit.registry import create_model
 
@@ -121,6 +122,13 @@ def check_values(cfg: DictConfig) -> None:
     _check_loss(cfg.loss)
     _check_trainer(cfg.trainer, train=cfg.train, test=cfg.test)
     _check_callbacks(cfg.callbacks)
+    _choice("finetune.freeze", cfg.finetune.freeze, FREEZE_CHOICES)
+    _count("finetune.last_n", cfg.finetune.last_n, 1, meaning=" (blocks that train; finetune.freeze=backbone "
+           "trains the head alone)")
+    if cfg.callbacks.ema and str(cfg.trainer.strategy).lower() == "fsdp":
+        raise ConfigError("callbacks.ema=true with trainer.strategy=fsdp: the moving average is a whole copy of "
+                          "the model on every device, which sharding is there to avoid; use trainer=ddp or "
+                          "callbacks.ema=false")
     _in_range("distributed.timeout_s", cfg.distributed.timeout_s, 0, low_open=True)
     limits = cfg.trainer.max_epochs, cfg.trainer.max_steps, cfg.trainer.max_time
     if cfg.train and limits[0] == -1 and limits[1] == -1 and limits[2] is None and \
@@ -155,6 +163,8 @@ def _check_optim(optim: DictConfig) -> None:
     _in_range("optim.warmup_epochs", optim.warmup_epochs, 0)
     _count("optim.warmup_steps", optim.warmup_steps, 0, optional=True)
     _in_range("optim.min_lr_ratio", optim.min_lr_ratio, 0, 1, high_open=False)
+    if optim.layer_decay is not None:  # 1 gives every layer the same lr; above 1 lower layers would learn faster
+        _in_range("optim.layer_decay", optim.layer_decay, 0, 1, low_open=True, high_open=False)
 
 
 def _check_loss(loss: DictConfig) -> None:
@@ -252,6 +262,7 @@ def _check_callbacks(callbacks: DictConfig) -> None:
                           f"worst checkpoint: {callbacks.monitor} is better when {direction}; set callbacks.mode={better}")
     _count("callbacks.save_top_k", callbacks.save_top_k, -1, meaning=" (-1: every checkpoint)")
     _count("callbacks.early_stopping_patience", callbacks.early_stopping_patience, 0, optional=True)
+    _in_range("callbacks.ema_decay", callbacks.ema_decay, 0, 1, low_open=True)
 
 
 # -- the model --------------------------------------------------------------------------------------
@@ -274,3 +285,31 @@ def check_model(name: str, kwargs: dict[str, Any], data_img_size: int | None) ->
             raise ConfigError(f"data.img_size={data_img_size} but model {name!r} takes {model_hw[0]}x{model_hw[1]} "
                               f"images (model.img_size={size}); set data.img_size=null to follow the model, or "
                               f"model.img_size={data_img_size} (a multiple of its patch size) to train at that size")
+
+
+def check_finetune(cfg: DictConfig, name: str, kwargs: dict[str, Any], init_from: str | None) -> None:
+    """Refuse fine-tuning settings the model cannot take, naming them: pretrained weights, layer
+    decay or partial freezing for a model that is not a ViT, ``finetune.last_n`` beyond its depth.
+    The model is built on the meta device, as in :func:`check_model`; the weights are not read here."""
+    wanted = [f"model.init_from={init_from}"] if init_from else []
+    if cfg.optim.layer_decay is not None:
+        wanted.append(f"optim.layer_decay={cfg.optim.layer_decay}")
+    if cfg.finetune.freeze != "none":
+        wanted.append(f"finetune.freeze={cfg.finetune.freeze}")
+    if not wanted:
+        return
+    try:
+        with torch.device("meta"):
+            model = create_model(name, **kwargs)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+        return  # check_model has spoken, or the constructor needs real tensors
+    if init_from and not hasattr(model, "pretrained_cfg"):
+        raise ConfigError(f"model.init_from={init_from}: model {name!r} ({type(model).__name__}) does not load "
+                          f"pretrained ViT weights; choose a vit.VisionTransformer model (vit_*, cct_*, ...) or "
+                          f"model.init_from=null")
+    try:
+        if cfg.optim.layer_decay is not None:
+            num_layers(model)
+        frozen_names(model, cfg.finetune.freeze, cfg.finetune.last_n)
+    except ValueError as error:
+        raise ConfigError(f"{' '.join(wanted)} with model {name!r}: {error}") from error

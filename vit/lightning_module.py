@@ -1,9 +1,10 @@
 """``ImageClassifier``: trains any registered model on (images, labels) batches.
 
 It owns the loss (cross-entropy with label smoothing, mixup/cutmix), the optimizer
-(AdamW without weight decay on norms, biases, class token and position embeddings),
-the learning-rate schedule (linear warm-up, cosine decay, per optimizer step) and
-the accuracy metrics. Everything needed to rebuild the model is stored in the
+(AdamW without weight decay on norms, biases, class token and position embeddings;
+optionally frozen parameters and layer-wise learning rates for fine-tuning, see
+``vit.finetune``), the learning-rate schedule (linear warm-up, cosine decay, per optimizer
+step) and the accuracy metrics. Everything needed to rebuild the model is stored in the
 checkpoint as plain data, so it loads with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, WeightAveraging
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from vit.errors import ConfigError, UserError
+from vit.finetune import freeze_parameters, layer_decay_groups
 from vit.model import count_parameters
 from vit.registry import create_model
 
@@ -91,6 +93,10 @@ class ImageClassifier(L.LightningModule):
         model_name, model_kwargs: the registered model and its constructor arguments.
         optim: OptimConfig fields as a dict; loss: LossConfig fields as a dict.
         class_names, mean, std: the dataset's, kept so that a checkpoint can classify raw images.
+        finetune: FinetuneConfig fields as a dict (which parameters are frozen); None: none.
+
+    Pretrained weights (``model.init_from``) are not loaded here: the training run loads them once
+    into ``module.model``, so that rebuilding the module from a checkpoint does not need the file.
     """
 
     def __init__(
@@ -102,10 +108,13 @@ class ImageClassifier(L.LightningModule):
         class_names: list[str],
         mean: list[float],
         std: list[float],
+        finetune: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = create_model(model_name, **model_kwargs)
+        if finetune:
+            freeze_parameters(self.model, finetune.get("freeze", "none"), finetune.get("last_n", 1))
         self._no_decay_names = no_weight_decay_names(self.model)  # before FSDP flattens the parameters
         self.num_classes = len(class_names)
         self.mixup = self._build_mixup(loss, self.num_classes)
@@ -213,11 +222,26 @@ class ImageClassifier(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Continue training from the raw weights of a checkpoint written with EMA (callbacks.ema), when
+        this run has no EMA: such a checkpoint's ``state_dict`` is the average, the weights that trained
+        are in ``current_model_state``. With EMA, its callback restores both."""
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and "current_model_state" in checkpoint and \
+                not any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):
+            checkpoint["state_dict"] = checkpoint["current_model_state"]
+
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.hparams.optim
-        decay, no_decay = split_weight_decay(self.model, self._no_decay_names)
-        groups = [{"params": decay, "weight_decay": optim["weight_decay"]},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        if optim.get("layer_decay") is not None:
+            trainable = [(_unwrapped_name(name), param) for name, param in self.model.named_parameters()
+                         if param.requires_grad]
+            groups = layer_decay_groups(self.model, trainable, optim["lr"], optim["weight_decay"],
+                                        optim["layer_decay"], self._no_decay_names)
+        else:
+            decay, no_decay = split_weight_decay(self.model, self._no_decay_names)
+            groups = [{"params": decay, "weight_decay": optim["weight_decay"]},
+                      {"params": no_decay, "weight_decay": 0.0}]
         if optim["name"] == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]))
         elif optim["name"] == "sgd":

@@ -12,7 +12,7 @@ import logging
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -21,17 +21,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vit.callbacks import EpochSummary, RunFolderCSVLogger, TestCurve, TrainingClock
-from vit.config import TrainerConfig, as_schema, check_config, model_kwargs
+from vit.config import TrainerConfig, as_schema, check_config, model_init_from, model_kwargs
 from vit.data import DataConfig, build_datamodule, plan_data
 from vit.distributed import (SameRunDirectory, StopAllRanksOnError, build_strategy, devices_per_node,
                              keep_file_logs_on_rank_zero, per_device_batch_size)
 from vit.checkpoints import (AtomicCheckpointIO, LastCheckpoint, check_compatible, load_checkpoint,
                              resolve_ckpt_path)
 from vit.errors import ConfigError
+from vit.finetune import EMA, follow_weights, pretrained_data_config
 from vit.inference import classifier_from_checkpoint
 from vit.lightning_module import ImageClassifier
 from vit.measure import measure_model, reset_peak_memory
 from vit.preflight import MiB, available_memory, check_batch_fits, estimate_training_memory, match_model_to_data
+from vit.pretrained import load_pretrained
 from vit.reports import plot_confusion_matrix, plot_curves, write_results
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, clock: TrainingClock, dm: A
     if cfg.callbacks.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(cfg.callbacks.monitor, mode=cfg.callbacks.mode,
                                        patience=cfg.callbacks.early_stopping_patience))
+    if cfg.callbacks.ema:  # validation, the checkpoints and the test use the averaged weights
+        callbacks.append(EMA(cfg.callbacks.ema_decay))
     loggers: list[Any] = [RunFolderCSVLogger(output_dir, resuming=from_here)]
     if cfg.logger.tensorboard:
         loggers.append(TensorBoardLogger(save_dir=output_dir, name="tensorboard", version=""))
@@ -98,17 +102,40 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         name, kwargs = stored["model_name"], dict(stored["model_kwargs"])
         log.info("train=false: testing the model stored in %s (%s); model.* settings do not apply", ckpt_path, name)
 
-    data_cfg, dm, device = _data(cfg, kwargs)
+    # The data is normalised (and, for image folders, resized and cropped) the way the model's
+    # weights expect, wherever data.* leaves it open: a checkpoint's stored statistics, or those of
+    # the pretrained weights, which are read here so that a bad file stops the run before the data.
+    init_from = model_init_from(cfg.model) if cfg.train and checkpoint is None else None
+    if checkpoint is not None:
+        stored = checkpoint["hyper_parameters"]
+        follows, follows_source = {"mean": stored.get("mean"), "std": stored.get("std")}, f"checkpoint {ckpt_path}"
+    elif init_from is not None:
+        follows, follows_source = pretrained_data_config(init_from, name, kwargs), f"model.init_from={init_from}"
+    else:
+        follows, follows_source = None, ""
+    if cfg.train and checkpoint is not None and model_init_from(cfg.model) is not None:
+        log.info("model.init_from is not loaded: training continues from the weights in %s", ckpt_path)
+
+    data_cfg, dm, device = _data(cfg, kwargs, follows, follows_source)
+    init_notes: list[str] = []
     if cfg.train:
         kwargs = match_model_to_data(name, kwargs, data_cfg.name, dm)
         try:
             module = ImageClassifier(name, kwargs, optim=OmegaConf.to_container(cfg.optim),
                                      loss=OmegaConf.to_container(cfg.loss), class_names=list(dm.class_names),
-                                     mean=list(dm.mean), std=list(dm.std))
+                                     mean=list(dm.mean), std=list(dm.std),
+                                     finetune=OmegaConf.to_container(cfg.finetune))
         except ValueError as error:  # the model refused its arguments, and said which
             raise ConfigError(f"model {name!r}: {error}") from error
         if checkpoint is not None:
             check_compatible(checkpoint["state_dict"], module, ckpt_path)
+        elif init_from is not None:  # once, here: a module rebuilt from a checkpoint does not need the file
+            report = load_pretrained(module.model, init_from)
+            init_notes = list(report.notes)
+            if report.missing:  # the head for another class count, for one
+                init_notes.append(f"left as initialised: {', '.join(report.missing)}")
+            if report.unexpected:
+                init_notes.append(f"ignored: {', '.join(report.unexpected)}")
     else:
         _check_stored_model_fits_data(name, kwargs, data_cfg.name, dm, ckpt_path)
         module = classifier_from_checkpoint(checkpoint)
@@ -118,6 +145,7 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         _check_memory(cfg, module, dm, device)
 
     num_parameters = module.num_parameters  # counted before FSDP replaces the parameters by shards
+    trainable_params = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     clock = TrainingClock()
     # A checkpoint of this same folder: its metrics.csv is this run's history, to be continued.
     from_here = ckpt_path is not None and output_dir.resolve() in ckpt_path.resolve().parents
@@ -126,8 +154,15 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
              name, f"{module.num_parameters:,}", data_cfg.name, dm.num_train_samples, output_dir)
 
     def results_so_far(test_metrics: dict[str, float], interrupted: bool) -> dict[str, Any]:
-        return _results(cfg, name, module, num_parameters, dm, trainer, clock, test_metrics, ckpt_path,
-                        interrupted=interrupted)
+        results = _results(cfg, name, module, num_parameters, dm, trainer, clock, test_metrics, ckpt_path,
+                           interrupted=interrupted)
+        results.update({
+            "init_from": init_from,  # the pretrained weights the run started from
+            "init_notes": init_notes,  # how they were fitted to the model (vit.pretrained.LoadReport)
+            "data_mean": list(dm.mean), "data_std": list(dm.std),  # the normalisation used, wherever it came from
+            "trainable_params": trainable_params,  # fewer than params when finetune.freeze is set
+        })
+        return results
 
     test_metrics: dict[str, float] = {}
     try:
@@ -159,8 +194,10 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _data(cfg: DictConfig, kwargs: dict[str, Any]) -> tuple[DataConfig, Any, torch.device]:
-    """The data module, set up for fitting, for a model built with ``kwargs``; its config; the device."""
+def _data(cfg: DictConfig, kwargs: dict[str, Any], follows: Mapping[str, Any] | None = None,
+          follows_source: str = "") -> tuple[DataConfig, Any, torch.device]:
+    """The data module, set up for fitting, for a model built with ``kwargs``; its config; the device.
+    ``follows``: data settings of the weights (vit.finetune.follow_weights) for what data.* leaves null."""
     data_cfg: DataConfig = OmegaConf.to_object(cfg.data)
     if data_cfg.img_size is None and "img_size" in kwargs:
         size = kwargs["img_size"]
@@ -174,6 +211,8 @@ def _data(cfg: DictConfig, kwargs: dict[str, Any]) -> tuple[DataConfig, Any, tor
     try:
         data_cfg = plan_data(data_cfg, available_memory(device))  # data.mode: memory, stream or auto
         dm = build_datamodule(data_cfg)
+        if follows:
+            follow_weights(dm, follows, follows_source)
         dm.prepare_data()
         dm.setup("fit")
     except ValueError as error:  # the data module names the bad setting

@@ -1,7 +1,7 @@
 """The data configuration: one flat dataclass that Hydra's ConfigStore can hold.
 
-Only str / int / float / bool, ``Optional`` of those and ``list[str]`` fields are used,
-so the same class works as a structured config and as a plain Python object.
+Only str / int / float / bool, ``Optional`` of those, ``list[str]`` and ``Optional[list[float]]``
+fields are used, so the same class works as a structured config and as a plain Python object.
 ``resolve_config`` turns any mapping (a dict, an OmegaConf ``DictConfig``) into a
 validated ``DataConfig`` and is the one place where option values are checked.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -21,6 +22,8 @@ DATASET_NAMES: tuple[str, ...] = (
 SOURCES: tuple[str, ...] = ("torchvision", "npz")
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "fail")
 MODES: tuple[str, ...] = ("memory", "stream", "auto")
+# Resize filters of the image-folder transforms (torchvision's InterpolationMode values).
+INTERPOLATIONS: tuple[str, ...] = ("nearest", "bilinear", "bicubic")
 
 
 @dataclass
@@ -66,6 +69,12 @@ class DataConfig:
         are always read as they are used.
     shuffle_seed: for shards, the seed of the streamed training order, which also changes with
         every epoch (None: the run's seed, ``torch.initial_seed()``).
+    mean, std: per-channel normalisation of pixels in [0, 1], one value per channel (None: the
+        dataset's statistics, or those of the pretrained weights when ``model.init_from`` is set).
+    interpolation, crop_pct: for image folders, the resize filter (nearest, bilinear, bicubic) and
+        the evaluation crop: resize the short side to img_size / crop_pct, keep the centre
+        img_size (None: bilinear and 0.875, or the pretrained weights' values when
+        ``model.init_from`` is set). In-memory datasets and shards are resized whole, bilinearly.
     """
 
     name: str = "mnist5k"
@@ -93,6 +102,10 @@ class DataConfig:
     shuffle_seed: Optional[int] = None
     mode: str = "memory"
     memory_fraction: float = 0.5
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    interpolation: Optional[str] = None
+    crop_pct: Optional[float] = None
 
 
 def resolve_config(cfg: DataConfig | Mapping[str, Any] | None = None, **overrides: Any) -> DataConfig:
@@ -118,6 +131,9 @@ def resolve_config(cfg: DataConfig | Mapping[str, Any] | None = None, **override
         raise ValueError(f"unknown data option(s) {unknown}; valid options: {sorted(known)}")
     if values.get("classes") is not None:
         values["classes"] = [str(c) for c in values["classes"]]
+    for key in ("mean", "std"):
+        if values.get(key) is not None:
+            values[key] = _numbers(f"data.{key}", values[key])
     resolved = DataConfig(**values)
     _validate(resolved)
     return resolved
@@ -153,3 +169,37 @@ def _validate(cfg: DataConfig) -> None:
                          "`python -m vit.data.shards data=NAME out=DIR`")
     if cfg.source == "npz" and cfg.name in ("cifar10", "cifar100", "cifar2") and not cfg.path:
         raise ValueError("data.source=npz needs data.path, the .npz file with x_train, y_train, x_test, y_test")
+    _validate_normalisation(cfg)
+
+
+def _numbers(option: str, value: Any) -> list[float]:
+    """A list of finite numbers, or a ValueError naming ``option``."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{option} must be a list of numbers, one per channel, got {value!r}")
+    items = list(value)
+    if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                            for v in items):
+        raise ValueError(f"{option} must be a list of numbers, one per channel, got {items!r}")
+    return [float(v) for v in items]
+
+
+def _validate_normalisation(cfg: DataConfig) -> None:
+    if (cfg.mean is None) != (cfg.std is None):
+        given, other = ("mean", "std") if cfg.std is None else ("std", "mean")
+        raise ValueError(f"data.{given} is set but data.{other} is not; give both (one value per channel), "
+                         f"or neither to use the dataset's statistics")
+    if cfg.mean is not None and cfg.std is not None:
+        if len(cfg.mean) != len(cfg.std):
+            raise ValueError(f"data.mean {cfg.mean} and data.std {cfg.std} need one value per channel each, "
+                             f"got {len(cfg.mean)} and {len(cfg.std)}")
+        if any(s <= 0 for s in cfg.std):
+            raise ValueError(f"data.std must be > 0 in every channel (it divides), got {cfg.std}")
+    if cfg.interpolation is not None:
+        _choice("data.interpolation", cfg.interpolation, INTERPOLATIONS)
+    if cfg.crop_pct is not None and not 0.0 < cfg.crop_pct <= 1.0:
+        raise ValueError(f"data.crop_pct must be in (0, 1] (the centre crop's share of the resized side), "
+                         f"got {cfg.crop_pct}")
+    for option in ("interpolation", "crop_pct"):
+        if getattr(cfg, option) is not None and cfg.name != "imagefolder":
+            raise ValueError(f"data.{option} applies to image folders (their resize and centre crop); "
+                             f"{cfg.name!r} is resized whole, bilinearly: set data.{option}=null")

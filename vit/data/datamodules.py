@@ -11,7 +11,9 @@ Three kinds share one base class (loaders, sizes, checks):
   disk or object storage (see ``vit.data.streaming`` and ``vit.data.shards``).
 
 Every module knows ``num_classes``, ``in_chans``, ``img_size``, ``mean`` and ``std`` right after
-construction, so a model can be built before ``setup``; ``class_names`` may read the dataset;
+construction, so a model can be built before ``setup``; ``mean`` and ``std`` are ``data.mean`` and
+``data.std`` when those are set (e.g. to the statistics pretrained weights expect), else the
+dataset's; ``class_names`` may read the dataset;
 ``num_train_samples`` and the loaders need ``setup``. Batches are (images float32 normalised
 (B, C, H, W), labels int64 (B,)).
 """
@@ -29,8 +31,8 @@ from vit.data.arrays import BatchTransform, TensorImageDataset, passthrough_coll
 from vit.data.config import DataConfig
 from vit.data.embedded import load_mnist5k
 from vit.data.errors import DataError, DatasetNotFoundError
-from vit.data.folder import (IMG_EXTENSIONS, ImageFileDataset, check_images, eval_transform, find_classes,
-                             list_samples, randaugment, some_of, train_transform)
+from vit.data.folder import (DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION, IMG_EXTENSIONS, ImageFileDataset, check_images,
+                             eval_transform, find_classes, list_samples, randaugment, some_of, train_transform)
 from vit.data.sources import ArraySplits, load_cifar, load_mnist_family
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,6 @@ class VisionDataModule(L.LightningDataModule):
     num_classes: int
     in_chans: int
     img_size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
     collate_fn: Optional[Callable[[Any], Any]] = None  # None: DataLoader's default_collate
 
@@ -61,6 +61,8 @@ class VisionDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # The dataset's own statistics, set by each subclass; data.mean / data.std replace them.
+        self._dataset_stats: dict[str, tuple[float, ...]] = {}
         # Files of the dataset left out (image folders only): unreadable images, with
         # bad_image_policy=skip, and files that are not images of a supported type.
         self.skipped_files: list[str] = []
@@ -73,6 +75,35 @@ class VisionDataModule(L.LightningDataModule):
     @property
     def class_names(self) -> list[str]:
         raise NotImplementedError
+
+    # Read when the transforms are made (in setup), so a config changed between construction and
+    # setup (vit.finetune.follow_weights fills data.mean from pretrained weights) is the one used.
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel mean of pixels in [0, 1] that images are normalised with: data.mean, else the dataset's."""
+        return self._stats("mean")
+
+    @mean.setter
+    def mean(self, value: tuple[float, ...]) -> None:
+        self._dataset_stats["mean"] = tuple(value)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel standard deviation that images are divided by: data.std, else the dataset's."""
+        return self._stats("std")
+
+    @std.setter
+    def std(self, value: tuple[float, ...]) -> None:
+        self._dataset_stats["std"] = tuple(value)
+
+    def _stats(self, key: str) -> tuple[float, ...]:
+        configured = getattr(self.cfg, key)
+        if configured is None:
+            return self._dataset_stats[key]
+        if len(configured) != self.in_chans:
+            raise ValueError(f"data.{key}={list(configured)} has {len(configured)} value(s), but {self.cfg.name!r} "
+                             f"has {self.in_chans}-channel images; give one value per channel")
+        return tuple(configured)
 
     @property
     def num_train_samples(self) -> int:
@@ -256,8 +287,10 @@ class ImageFolderDataModule(VisionDataModule):
                                                cfg.max_train_samples, cfg.split_seed)
         val = samples["val"] if "val" in samples else [train[i] for i in val_idx]
         side = self.img_size[0]
-        eval_tf = eval_transform(side, self.mean, self.std)
-        train_tf = train_transform(side, self.mean, self.std, randaugment(cfg)) if cfg.augment else eval_tf
+        interpolation = cfg.interpolation or DEFAULT_INTERPOLATION
+        eval_tf = eval_transform(side, self.mean, self.std, interpolation, cfg.crop_pct or DEFAULT_CROP_PCT)
+        train_tf = train_transform(side, self.mean, self.std, randaugment(cfg), interpolation) if cfg.augment \
+            else eval_tf
         self.train_set = ImageFileDataset([train[i] for i in train_idx], train_tf, side)
         self.val_set = ImageFileDataset(val, eval_tf, side)
         self.test_set = ImageFileDataset(samples["test"], eval_tf, side) if "test" in samples else self.val_set

@@ -179,24 +179,41 @@ def randaugment(cfg: "DataConfig") -> Optional[v2.RandAugment]:
     return v2.RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
 
 
+# The crop of the evaluation transform when neither data.crop_pct nor pretrained weights say
+# otherwise: the short side resized to img_size / 0.875 (256 for 224), the ImageNet convention.
+DEFAULT_CROP_PCT = 0.875
+DEFAULT_INTERPOLATION = "bilinear"
+
+
 def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
-                    randaugment: Optional[Callable] = None) -> Callable[[Image.Image], Tensor]:
+                    randaugment: Optional[Callable] = None,
+                    interpolation: str = DEFAULT_INTERPOLATION) -> Callable[[Image.Image], Tensor]:
     """RandomResizedCrop(scale 0.35..1) + horizontal flip (+ RandAugment), then float (3, S, S) normalised."""
     return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True),
+        v2.RandomResizedCrop(img_size, scale=(0.35, 1.0), interpolation=_mode(interpolation), antialias=True),
         v2.RandomHorizontalFlip(),
         *([randaugment] if randaugment is not None else []),
         *_to_normalised_tensor(mean, std),
     ])
 
 
-def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Image.Image], Tensor]:
-    """Resize the short side to img_size / 0.875, centre-crop img_size: float (3, S, S) normalised."""
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
+                   interpolation: str = DEFAULT_INTERPOLATION,
+                   crop_pct: float = DEFAULT_CROP_PCT) -> Callable[[Image.Image], Tensor]:
+    """Resize the short side to floor(img_size / crop_pct), centre-crop img_size: float (3, S, S) normalised.
+
+    A pretrained model is evaluated the way it was trained to be (timm's ``pretrained_cfg``):
+    e.g. bicubic with crop_pct 0.9 for timm's ViTs, so 224 is cut from 248, not 256.
+    """
     return v2.Compose([
-        v2.Resize(int(img_size / 0.875), antialias=True),
+        v2.Resize(int(img_size / crop_pct), interpolation=_mode(interpolation), antialias=True),
         v2.CenterCrop(img_size),
         *_to_normalised_tensor(mean, std),
     ])
+
+
+def _mode(interpolation: str) -> v2.InterpolationMode:
+    return v2.InterpolationMode(interpolation)
 
 
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
