@@ -166,10 +166,11 @@ def _from_timm_hub(name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if architecture not in timm.list_models():
         raise CheckpointError(f"timm has no model {architecture!r} (from init_from=timm:{name}); "
                               f"see timm.list_models('vit_*')")
+    hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or f"timm/{name}"
     try:
+        _check_hub_reachable(hub_id)
         model = timm.create_model(name, pretrained=True)
     except Exception as error:  # offline, or the hub refused: say what to fetch by hand
-        hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or f"timm/{name}"
         raise CheckpointError(
             f"could not download timm weights {name!r} ({type(error).__name__}). With a network, retry; "
             f"offline, download https://huggingface.co/{hub_id}/resolve/main/model.safetensors on a "
@@ -177,6 +178,19 @@ def _from_timm_hub(name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     cfg = model.pretrained_cfg
     data_cfg = {key: cfg[key] for key in ("mean", "std", "interpolation", "crop_pct", "input_size") if key in cfg}
     return model.state_dict(), data_cfg
+
+
+def _check_hub_reachable(hub_id: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when the weights are not cached and the hub cannot be reached: the hub
+    client would otherwise retry for a minute before giving up."""
+    import urllib.request
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(hub_id, "model.safetensors"), str):
+        return
+    with urllib.request.urlopen(urllib.request.Request("https://huggingface.co", method="HEAD"), timeout=timeout_s):
+        pass
 
 
 # -- naming -----------------------------------------------------------------------------------------
