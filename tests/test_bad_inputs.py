@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vit.conf_dir import conf_dir
 from vit.config import as_schema, check_config, model_kwargs, register_configs
-from vit.errors import ConfigError, UserError
+from vit.lightning_module import ImageClassifier
+from vit.errors import CheckpointError, ConfigError, UserError
 from vit.registry import create_model
 from vit.training import run
 
@@ -207,6 +208,31 @@ CONFIG_CASES = [
     (["data.crop_pct=0.9"], ConfigError, r"data\.crop_pct applies to image folders.*'mnist5k'"),
     (["data=imagefolder", "data.crop_pct=1.5"], ConfigError, r"data\.crop_pct must be in \(0, 1\].*got 1\.5"),
     (["data=imagefolder", "data.interpolation=cubic"], ConfigError, r"data\.interpolation 'cubic'.*'bicubic'"),
+    # data-efficient training (issue #17): distillation, precision auto, AutoAugment
+    (["distill.type=medium"], ConfigError, r"distill\.type must be one of hard, soft.*got 'medium'"),
+    (["distill.type=Hard"], ConfigError, r"distill\.type .*did you mean hard.*got 'Hard'"),
+    (["distill.alpha=1.5"], ConfigError, r"distill\.alpha must be a number in \[0, 1\], got 1\.5"),
+    (["distill.alpha=-0.1"], ConfigError, r"distill\.alpha .*got -0\.1"),
+    (["distill.alpha=nan"], ConfigError, r"distill\.alpha .*got nan"),
+    (["distill.tau=0"], ConfigError, r"distill\.tau must be a number > 0, got 0\.0"),
+    (["distill.tau=-2"], ConfigError, r"distill\.tau .*got -2\.0"),
+    (["distill.teacher_ckpt=t.ckpt"], ConfigError,
+     r"distill\.teacher_ckpt=t\.ckpt needs a student with a distillation token, which model 'vit_mnist' has not: "
+     r"use model=vit_mnist_distilled"),
+    (["model=cct_mnist", "distill.teacher_ckpt=t.ckpt"], ConfigError,
+     r"model 'cct_mnist' has not: use a model that has one \(.*vit_mnist_distilled"),
+    (["model=vit_mnist_distilled", "distill.teacher_ckpt=''"], ConfigError,
+     r"distill\.teacher_ckpt must be a checkpoint path, latest:MODEL or null.*got ''"),
+    (["model=vit_mnist_distilled", "distill.teacher_ckpt=latest:cnn_mnst"], ConfigError,
+     r"distill\.teacher_ckpt=latest:cnn_mnst must be one of .*did you mean cnn_mnist"),
+    (["model=vit_mnist_distilled", "distill.teacher_ckpt=no/such/teacher.ckpt"], CheckpointError,
+     r"distill\.teacher_ckpt=no/such/teacher\.ckpt: checkpoint not found"),
+    (["model=vit_mnist_distilled", "distill.teacher_ckpt=latest:cnn_mnist"], CheckpointError,
+     r"distill\.teacher_ckpt=latest:cnn_mnist: no folder beside this run .*cnn_mnist run on data 'mnist5k'"),
+    (["trainer.precision=autoo"], ConfigError, r"trainer\.precision .*did you mean auto.*got 'autoo'"),
+    (["data.autoaugment=cifar"], ConfigError, r"data\.autoaugment 'cifar'.*cifar10, imagenet, svhn"),
+    (["data.autoaugment=cifar10", "data.randaugment_ops=2"], ConfigError,
+     r"data\.autoaugment=cifar10 and data\.randaugment_ops=2 are two augmentation policies"),
 ]
 
 
@@ -244,6 +270,68 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_training(tmp_path,
     assert not (out / "checkpoints").exists()
 
 
+# -- the teacher's file (distill.teacher_ckpt): refused before the first step, naming it ----------------
+
+DISTILLED_STUDENT = ("model=vit_mnist_distilled", *TINY_VIT)
+
+
+def _save_teacher(path: Path, model: str, num_classes: int, class_names: list[str] | None = None,
+                  channels: int = 1) -> Path:
+    """A checkpoint such as a run leaves, of an untrained classifier: its hyperparameters and weights."""
+    module = ImageClassifier(model, {"num_classes": num_classes}, optim={}, loss={},
+                             class_names=class_names or [str(i) for i in range(num_classes)],
+                             mean=[0.5] * channels, std=[0.25] * channels)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+def _truncated(path: Path) -> Path:
+    whole = _save_teacher(path.with_suffix(".whole"), "cnn_mnist", 10).read_bytes()
+    path.write_bytes(whole[: len(whole) // 3])
+    return path
+
+
+def _pickled_code(path: Path) -> Path:
+    torch.save(torch.nn.Linear(2, 2), path)  # a whole module: loading it would run pickled code
+    return path
+
+
+def _foreign(path: Path) -> Path:
+    torch.save({"weights": torch.zeros(3)}, path)
+    return path
+
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+# (id, writes the teacher file, before any work (no run folder), exception, message)
+TEACHER_CASES: list[tuple[str, Callable[[Path], Path], bool, type[Exception], str]] = [
+    ("truncated", _truncated, True, CheckpointError, r"distill\.teacher_ckpt=.*teacher\.ckpt: refusing to load"),
+    ("pickled code", _pickled_code, True, CheckpointError,
+     r"distill\.teacher_ckpt=.*refusing to load .*weights_only=True"),
+    ("not a vit checkpoint", _foreign, True, CheckpointError,
+     r"distill\.teacher_ckpt=.*not a checkpoint written by vit"),
+    ("two classes", lambda p: _save_teacher(p, "cnn_mnist", 2), False, ConfigError,
+     r"was trained for 2 classes on images \(1, 28, 28\), but the student has 10 classes and images \(1, 28, 28\)"),
+    ("colour images", lambda p: _save_teacher(p, "cnn_cifar", 10, channels=3), False, ConfigError,
+     r"was trained for 10 classes on images \(3, 32, 32\), but the student has 10 classes and images \(1, 28, 28\)"),
+    ("other classes", lambda p: _save_teacher(p, "cnn_mnist", 10, FASHION), False, ConfigError,
+     r"trained on other classes: class 0 is 'T-shirt/top' for the teacher but '0 - zero' in the student's data"),
+]
+
+
+@pytest.mark.parametrize("write, before_any_work, error, pattern", [c[1:] for c in TEACHER_CASES],
+                         ids=[c[0] for c in TEACHER_CASES])
+def test_a_bad_teacher_is_refused_before_the_first_step(tmp_path, write, before_any_work, error, pattern):
+    teacher = write(tmp_path / "teacher.ckpt")
+    out = tmp_path / "run"
+    with pytest.raises(error, match=pattern):
+        run_case([*DISTILLED_STUDENT, f"distill.teacher_ckpt={teacher}"], out)
+    if before_any_work:
+        assert not out.exists(), "the file was read only after the run started"
+    else:  # the data had to be read to know its classes; nothing else happened
+        assert not out.exists() or not [p for p in out.rglob("*") if p.suffix != ".log"]
+
+
 # -- direct calls: the same checks for code that builds configs or models itself -------------------
 
 CALL_CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
@@ -273,7 +361,7 @@ def test_a_bad_call_is_refused_by_name(call, error, pattern):
 
 
 def test_the_probe_is_large_enough():
-    assert len(CONFIG_CASES) + len(DATA_CASES) + len(CALL_CASES) >= 100
+    assert len(CONFIG_CASES) + len(DATA_CASES) + len(CALL_CASES) + len(TEACHER_CASES) >= 100
 
 
 # -- end to end: what a user sees ---------------------------------------------------------------------
@@ -284,6 +372,9 @@ E2E_CASES = [
     (["trainer.precision=17"], r"trainer\.precision .*got 17"),
     (["model.patch_size=5"], r"patch size 5"),
     (["model.in_chans=3"], r"in_chans=3"),
+    (["distill.alpha=2"], r"distill\.alpha must be a number in \[0, 1\], got 2\.0"),
+    (["model=vit_mnist_distilled", "distill.teacher_ckpt=missing.ckpt"], r"distill\.teacher_ckpt=missing\.ckpt: "
+     r"checkpoint not found"),
 ]
 
 

@@ -68,12 +68,20 @@ def test_hydra_keys_still_work():
     check_config(as_schema(cfg))
 
 
+# Options that need a file named on the command line: the shards folder, the CIFAR-10 subset.
+NEEDS_PATH = {"shards": "data.path=shards_folder", "cifar10_small": "data.path=cifar10_subset.npz",
+              "pretrain_cifar64": "data.path=cifar10_subset.npz"}
+
+
 def shipped_configs() -> list[list[str]]:
-    """One composition per config file in conf/: each group option, each experiment."""
+    """One composition per config file in conf/: each group option, each experiment, each recipe
+    (a group that train.yaml does not list: the compare_* sweeps add it with +recipe=NAME)."""
     runs = []
-    for group in ("model", "data", "optim", "trainer", "logger", "callbacks", "experiment", "debug", "hparams_search"):
+    for group in ("model", "data", "optim", "trainer", "logger", "callbacks", "experiment", "debug", "hparams_search",
+                  "recipe"):
         for path in sorted((CONF / group).glob("*.yaml")):
-            runs.append([f"{group}={path.stem}"] + (["data.path=shards_folder"] if path.stem == "shards" else []))
+            needs = [value for key, value in NEEDS_PATH.items() if key in path.stem]
+            runs.append([f"{'+' if group == 'recipe' else ''}{group}={path.stem}"] + needs)
     return runs
 
 

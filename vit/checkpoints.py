@@ -59,7 +59,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, model: str, datas
         return own
     here = output_dir.resolve()
     candidates = [path for path in here.parent.glob(f"*/checkpoints/{LAST}")
-                  if path.parents[1] != here and _model_and_data(path.parents[1]) == (model, dataset)]
+                  if path.parents[1] != here and model_and_data(path.parents[1]) == (model, dataset)]
     if not candidates:
         raise CheckpointError(
             f"ckpt_path=last: this run folder {output_dir} has no checkpoints/{LAST}, and no other run folder "
@@ -71,8 +71,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, model: str, datas
     return newest
 
 
-def _model_and_data(run_dir: Path) -> tuple[str, str] | None:
-    """``(model.name, data.name)`` from the config Hydra saved in ``run_dir``; None when unreadable."""
+def model_and_data(run_dir: Path) -> tuple[str, str] | None:
+    """``(model.name, data.name)`` from the config Hydra saved in ``run_dir``; None when unreadable.
+    Also how ``distill.teacher_ckpt=latest:MODEL`` finds its teacher (vit.distill)."""
     try:
         saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
         return str(saved["model"]["name"]), str(saved["data"]["name"])

@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vit.conf_dir import conf_dir
-from vit.config_checks import check_finetune, check_model, check_values, refuse_unknown_keys
+from vit.config_checks import check_distill_student, check_finetune, check_model, check_values, refuse_unknown_keys
 from vit.data import DataConfig
 from vit.errors import ConfigError
 from vit.registry import get_model_spec, list_models
@@ -135,6 +135,26 @@ class FinetuneConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Learning from a trained teacher as well as from the labels (DeiT; see vit/distill.py).
+
+    teacher_ckpt: the teacher, a classifier this package trained (``RUN/checkpoints/best.ckpt`` or
+        its safetensors export), or ``latest:MODEL``: the best checkpoint of the newest finished
+        MODEL run on the same data in a folder beside this run's (an earlier job of the same
+        sweep, or an earlier run under outputs/runs/). None: no distillation. The student must
+        have a distillation token (``model=<name>_distilled``).
+    type: "hard" (the teacher's top class is the distillation head's label) or "soft" (the
+        distillation head matches the teacher's distribution at temperature ``tau``).
+    alpha: the teacher's share of the loss: (1 - alpha) * label loss + alpha * distillation loss.
+    """
+
+    teacher_ckpt: Optional[str] = None
+    type: str = "hard"
+    alpha: float = 0.5  # DeiT's hard distillation: the two losses weigh the same
+    tau: float = 1.0  # soft only; DeiT's soft distillation uses tau 3 with alpha 0.1
+
+
+@dataclass
 class TrainConfig:
     """The whole run. ``model`` holds ``name`` plus constructor overrides of that model."""
 
@@ -147,6 +167,7 @@ class TrainConfig:
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # torch.compile the LightningModule for training (Lightning unwraps it: checkpoint keys stay plain).
     compile: bool = False
     # Estimate the memory of a training step before training and stop if it cannot fit (vit/preflight.py).
@@ -212,6 +233,7 @@ def check_config(cfg: DictConfig) -> None:
         probe = {key: (2 if key in DATA_DERIVED and value is None else value) for key, value in kwargs.items()}
         check_model(name, probe, cfg.data.img_size)
         check_finetune(cfg, name, probe, model_init_from(cfg.model))
+        check_distill_student(cfg, name, probe)
 
 
 # -- the model node ---------------------------------------------------------------------------------

@@ -23,10 +23,11 @@ from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vit.data import resolve_config
+from vit.distill import DISTILL_TYPES, LATEST
 from vit.errors import ConfigError
 from vit.finetune import FREEZE_CHOICES, frozen_names, num_layers
 from vit.lightning_module import OPTIMIZERS, SCHEDULERS, VALIDATION_METRICS
-from vit.registry import create_model
+from vit.registry import create_model, list_models
 
 
 # -- keys -------------------------------------------------------------------------------------------
@@ -130,6 +131,7 @@ def check_values(cfg: DictConfig) -> None:
                           "the model on every device, which sharding is there to avoid; use trainer=ddp or "
                           "callbacks.ema=false")
     _in_range("distributed.timeout_s", cfg.distributed.timeout_s, 0, low_open=True)
+    _check_distill(cfg.distill)
     limits = cfg.trainer.max_epochs, cfg.trainer.max_steps, cfg.trainer.max_time
     if cfg.train and limits[0] == -1 and limits[1] == -1 and limits[2] is None and \
             cfg.callbacks.early_stopping_patience is None:
@@ -174,6 +176,27 @@ def _check_loss(loss: DictConfig) -> None:
     _in_range("loss.mix_prob", loss.mix_prob, 0, 1, high_open=False)
 
 
+def _check_distill(distill: DictConfig) -> None:
+    if OmegaConf.is_missing(distill, "teacher_ckpt"):  # a recipe that needs a teacher leaves it "???"
+        raise ConfigError("distill.teacher_ckpt is required here: the teacher's checkpoint "
+                          "(RUN/checkpoints/best.ckpt of a CNN run on the same data), or latest:MODEL for the "
+                          "newest finished MODEL run beside this one, e.g. distill.teacher_ckpt=latest:cnn_cifar")
+    _choice("distill.type", distill.type, DISTILL_TYPES)
+    _in_range("distill.alpha", distill.alpha, 0, 1, high_open=False)
+    _in_range("distill.tau", distill.tau, 0, low_open=True)
+    teacher = distill.teacher_ckpt
+    if teacher is None:
+        return
+    if not str(teacher).strip():
+        _fail("distill.teacher_ckpt", teacher, "a checkpoint path, latest:MODEL or null (no distillation)")
+    if str(teacher).startswith(LATEST):
+        _choice(f"the model of distill.teacher_ckpt={teacher}", str(teacher)[len(LATEST):], list_models())
+
+
+# Lightning's own values, and "auto": bf16 autocast where the hardware runs it fast (vit.preflight).
+AUTO_PRECISION = "auto"
+
+
 def lightning_precisions() -> tuple[Any, ...]:
     """The values Lightning accepts for ``precision``, from Lightning itself so that they follow its version."""
     from lightning.fabric.plugins.precision.precision import (_PRECISION_INPUT_INT, _PRECISION_INPUT_STR,
@@ -184,7 +207,7 @@ def lightning_precisions() -> tuple[Any, ...]:
 
 
 def _check_trainer(trainer: DictConfig, train: bool, test: bool) -> None:
-    _choice("trainer.precision", trainer.precision, lightning_precisions())
+    _choice("trainer.precision", trainer.precision, (AUTO_PRECISION, *lightning_precisions()))
     accelerator = trainer.accelerator
     _choice("trainer.accelerator", accelerator, ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -313,3 +336,24 @@ def check_finetune(cfg: DictConfig, name: str, kwargs: dict[str, Any], init_from
         frozen_names(model, cfg.finetune.freeze, cfg.finetune.last_n)
     except ValueError as error:
         raise ConfigError(f"{' '.join(wanted)} with model {name!r}: {error}") from error
+
+
+def check_distill_student(cfg: DictConfig, name: str, kwargs: dict[str, Any]) -> None:
+    """With a teacher (``distill.teacher_ckpt``), the student needs DeiT's distillation token and
+    head, which learn from the teacher; refuse a model without them, naming one that has them.
+    The model is built on the meta device, as in :func:`check_model`."""
+    if cfg.distill.teacher_ckpt is None:
+        return
+    try:
+        with torch.device("meta"):
+            model = create_model(name, **kwargs)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+        return  # check_model has spoken, or the constructor needs real tensors
+    if getattr(model, "dist_token", None) is not None:
+        return
+    distilled = [registered for registered in list_models() if registered.endswith("_distilled")]
+    advice = f"use model={name}_distilled" if f"{name}_distilled" in distilled else \
+        f"use a model that has one ({', '.join(distilled)})"
+    raise ConfigError(f"distill.teacher_ckpt={cfg.distill.teacher_ckpt} needs a student with a distillation token, "
+                      f"which model {name!r} has not: {advice}; or distill.teacher_ckpt=null to train without "
+                      f"a teacher")

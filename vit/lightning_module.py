@@ -1,6 +1,7 @@
 """``ImageClassifier``: trains any registered model on (images, labels) batches.
 
-It owns the loss (cross-entropy with label smoothing, mixup/cutmix), the optimizer
+It owns the loss (cross-entropy with label smoothing, mixup/cutmix, and DeiT's distillation
+from a teacher when the run gives it one: :meth:`ImageClassifier.distill_from`), the optimizer
 (AdamW without weight decay on norms, biases, class token and position embeddings;
 optionally frozen parameters and layer-wise learning rates for fine-tuning, see
 ``vit.finetune``), the learning-rate schedule (linear warm-up, cosine decay, per optimizer
@@ -20,6 +21,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from vit.distill import combined_loss
 from vit.errors import ConfigError, UserError
 from vit.finetune import freeze_parameters, layer_decay_groups
 from vit.model import count_parameters
@@ -97,6 +99,7 @@ class ImageClassifier(L.LightningModule):
 
     Pretrained weights (``model.init_from``) are not loaded here: the training run loads them once
     into ``module.model``, so that rebuilding the module from a checkpoint does not need the file.
+    The same holds for a distillation teacher (:meth:`distill_from`).
     """
 
     def __init__(
@@ -127,6 +130,8 @@ class ImageClassifier(L.LightningModule):
 
         self.train_metrics, self.val_metrics, self.test_metrics = metrics("train/"), metrics("val/"), metrics("test/")
         self.test_confusion = MulticlassConfusionMatrix(self.num_classes)
+        self.teacher: nn.Module | None = None  # see distill_from
+        self.distill: tuple[str, float, float] = ("hard", 0.5, 1.0)
 
     @staticmethod
     def _build_mixup(loss: dict[str, Any], num_classes: int):
@@ -137,6 +142,22 @@ class ImageClassifier(L.LightningModule):
         return Mixup(mixup_alpha=loss.get("mixup_alpha", 0.0), cutmix_alpha=loss.get("cutmix_alpha", 0.0),
                      prob=loss.get("mix_prob", 1.0), label_smoothing=loss.get("label_smoothing", 0.0),
                      num_classes=num_classes)
+
+    def distill_from(self, teacher: nn.Module, kind: str, alpha: float, tau: float) -> None:
+        """Train the distillation head on ``teacher``'s predictions (DeiT; see ``vit.distill``): the
+        loss becomes ``(1 - alpha) * label loss + alpha * distillation loss`` of ``kind`` ("hard" or
+        "soft", at temperature ``tau``). ``teacher`` maps the student's batches to logits, frozen
+        (``vit.distill.Teacher``). The model needs a distillation token (``model=<name>_distilled``).
+
+        The teacher is kept as a plain attribute, not a submodule: it stays out of ``state_dict``
+        (so of every checkpoint, and a module rebuilt from one needs no teacher), of
+        ``parameters()`` (so of the optimizer) and of DDP's gradient synchronisation.
+        """
+        if getattr(self.model, "dist_token", None) is None:
+            raise ConfigError(f"model {self.hparams.model_name!r} has no distillation token to learn from a "
+                              f"teacher; use model={self.hparams.model_name}_distilled")
+        self.__dict__["teacher"] = teacher  # bypasses nn.Module.__setattr__, which would register it
+        self.distill = (kind, float(alpha), float(tau))
 
     @property
     def num_parameters(self) -> int:
@@ -150,13 +171,21 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        soft_targets = None
         if self.mixup is not None and images.shape[0] % 2 == 0:  # timm's Mixup pairs samples up
-            mixed, soft_targets = self.mixup(images, labels)
-            logits = self(mixed)
-            loss = torch.sum(-soft_targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            images, soft_targets = self.mixup(images, labels)
+        if self.teacher is None:
+            logits = label_logits = self(images)
+        else:  # the class head learns from the labels, the distillation head from the teacher
+            label_logits, dist_logits = self.model.forward_distill(images)
+            logits = (label_logits + dist_logits) / 2  # what the model predicts (its forward), for the metrics
+        if soft_targets is not None:
+            loss = torch.sum(-soft_targets * F.log_softmax(label_logits.float(), dim=-1), dim=-1).mean()
         else:
-            logits = self(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.loss.get("label_smoothing", 0.0))
+            loss = F.cross_entropy(label_logits.float(), labels,
+                                   label_smoothing=self.hparams.loss.get("label_smoothing", 0.0))
+        if self.teacher is not None:  # the teacher sees the same (mixed) images as the student
+            loss = combined_loss(loss, dist_logits.float(), self.teacher(images), *self.distill)
         if not torch.isfinite(loss):
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             raise NonFiniteLossError(
@@ -179,12 +208,15 @@ class ImageClassifier(L.LightningModule):
         return logits
 
     def on_fit_start(self) -> None:
-        """Refuse a monitored validation metric this module will not log, before the first step.
+        """Put the teacher, if any, on this module's device, and refuse a monitored validation metric
+        this module will not log, before the first step.
 
         The config check accepts any name in VALIDATION_METRICS; only here is the number of
         classes known, which decides whether val/acc_top5 exists. Lightning would notice it only
         when saving the first checkpoint, after a whole epoch.
         """
+        if self.teacher is not None:  # not a submodule, so Lightning did not move it with the student
+            self.teacher.to(self.device)
         logged = validation_metrics(self.num_classes)
         for callback in self.trainer.callbacks:
             monitor = callback.monitor if isinstance(callback, (ModelCheckpoint, EarlyStopping)) else None

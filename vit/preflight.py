@@ -1,4 +1,5 @@
 """Know before it crashes: does the model fit the data, and does a training step fit in memory?
+And ``trainer.precision=auto``: bf16 autocast only where the hardware runs it fast.
 
 Training memory = parameters + gradients + optimizer state (AdamW keeps two moments)
 + activations saved for the backward pass. Activations are *measured*, not guessed: one
@@ -91,6 +92,29 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# CPU instruction sets that compute in bf16 natively (torch.cpu.get_capabilities() names them so).
+# Without one, torch emulates bf16 matmuls, many times slower than float32.
+BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """``trainer.precision`` as Lightning takes it, and why. "auto" becomes "bf16-mixed" on a CUDA
+    GPU that supports bf16 or on a CPU with native bf16 instructions (``BF16_CPU_FEATURES``), where
+    it is faster than float32 and needs no loss scaling; "32-true" elsewhere. Other values stay."""
+    if str(precision) != "auto":
+        return str(precision), "as configured"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", f"{torch.cuda.get_device_name(device)} supports bf16"
+        return "32-true", f"{torch.cuda.get_device_name(device)} has no bf16 support (16-mixed would need loss scaling)"
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    native = [feature for feature in BF16_CPU_FEATURES if capabilities.get(feature)]
+    if native:
+        return "bf16-mixed", f"this CPU has {' and '.join(native)}"
+    return "32-true", (f"this CPU has neither {' nor '.join(BF16_CPU_FEATURES)}, so bf16 would be emulated, "
+                       f"slower than float32")
 
 
 def check_batch_fits(estimate: MemoryEstimate, available: int, batch_size: int, precision: str,

@@ -5,6 +5,10 @@ directory receives ``checkpoints/`` (the best and ``last.ckpt``), ``metrics.csv`
 ``results.json``, curves and the confusion matrix. Only global rank zero writes files other
 than checkpoints. A run stopped with Ctrl-C still leaves ``last.ckpt`` and a ``results.json``
 that says ``"interrupted": true`` and how far it got.
+
+Two settings are decided here, before any work: ``distill.teacher_ckpt`` reads a frozen teacher once
+(``vit.distill``; it is never saved with the student), and ``trainer.precision=auto`` becomes
+bf16 autocast or float32, whichever the hardware runs faster (``vit.preflight.resolve_precision``).
 """
 from __future__ import annotations
 
@@ -27,12 +31,14 @@ from vit.distributed import (SameRunDirectory, StopAllRanksOnError, build_strate
                              keep_file_logs_on_rank_zero, per_device_batch_size)
 from vit.checkpoints import (AtomicCheckpointIO, LastCheckpoint, check_compatible, load_checkpoint,
                              resolve_ckpt_path)
+from vit.distill import read_teacher, resolve_teacher_ckpt, teacher_for_data
 from vit.errors import ConfigError
 from vit.finetune import EMA, follow_weights, pretrained_data_config
 from vit.inference import classifier_from_checkpoint
 from vit.lightning_module import ImageClassifier
 from vit.measure import measure_model, reset_peak_memory
-from vit.preflight import MiB, available_memory, check_batch_fits, estimate_training_memory, match_model_to_data
+from vit.preflight import (MiB, available_memory, check_batch_fits, estimate_training_memory, match_model_to_data,
+                           resolve_precision)
 from vit.pretrained import load_pretrained
 from vit.reports import plot_confusion_matrix, plot_curves, write_results
 
@@ -82,9 +88,19 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     cfg = as_schema(cfg)
     check_config(cfg)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else _hydra_output_dir()
+    # The teacher's file is read before any work, so that a missing or unsafe one stops the run at once.
+    teacher_path = teacher_file = None
+    if cfg.distill.teacher_ckpt is not None and cfg.train:
+        teacher_path = resolve_teacher_ckpt(cfg.distill.teacher_ckpt, output_dir, cfg.data.name)
+        teacher_file = read_teacher(teacher_path)
     output_dir.mkdir(parents=True, exist_ok=True)
     keep_file_logs_on_rank_zero()
     L.seed_everything(cfg.seed, workers=True)
+    # Decided before Lightning sees it: "auto" is bf16 autocast where the hardware runs it fast.
+    precision, why = resolve_precision(cfg.trainer.precision, _training_device(cfg))
+    if precision != str(cfg.trainer.precision):
+        log.info("trainer.precision=%s: %s, because %s", cfg.trainer.precision, precision, why)
+    cfg.trainer.precision = precision
 
     try:
         name, kwargs = model_kwargs(cfg.model)
@@ -127,6 +143,11 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
                                      finetune=OmegaConf.to_container(cfg.finetune))
         except ValueError as error:  # the model refused its arguments, and said which
             raise ConfigError(f"model {name!r}: {error}") from error
+        if teacher_file is not None:  # once, here: a module rebuilt from a checkpoint does not need the teacher
+            module.distill_from(teacher_for_data(teacher_file, teacher_path, dm), cfg.distill.type,
+                                cfg.distill.alpha, cfg.distill.tau)
+            log.info("distillation (%s, alpha %g, tau %g) from teacher %s in %s", cfg.distill.type, cfg.distill.alpha,
+                     cfg.distill.tau, teacher_file.hparams.model_name, teacher_path)
         if checkpoint is not None:
             check_compatible(checkpoint["state_dict"], module, ckpt_path)
         elif init_from is not None:  # once, here: a module rebuilt from a checkpoint does not need the file
@@ -139,7 +160,10 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     else:
         _check_stored_model_fits_data(name, kwargs, data_cfg.name, dm, ckpt_path)
         module = classifier_from_checkpoint(checkpoint)
-    del checkpoint
+        if cfg.distill.teacher_ckpt is not None:
+            log.info("distill.teacher_ckpt is not loaded: train=false only tests")
+    teacher_model = teacher_file.hparams.model_name if teacher_file is not None else None
+    del checkpoint, teacher_file
 
     if cfg.train and cfg.preflight:
         _check_memory(cfg, module, dm, device)
@@ -161,6 +185,9 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             "init_notes": init_notes,  # how they were fitted to the model (vit.pretrained.LoadReport)
             "data_mean": list(dm.mean), "data_std": list(dm.std),  # the normalisation used, wherever it came from
             "trainable_params": trainable_params,  # fewer than params when finetune.freeze is set
+            # the teacher the run learnt from, and how; None without one
+            "distill": {"teacher_ckpt": str(teacher_path), "teacher_model": teacher_model, "type": cfg.distill.type,
+                        "alpha": cfg.distill.alpha, "tau": cfg.distill.tau} if teacher_path is not None else None,
         })
         return results
 

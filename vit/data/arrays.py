@@ -27,12 +27,12 @@ class BatchTransform:
     ``crop_padding`` on every side, and a horizontal flip of each image with probability 1/2.
     Both happen in one gather on the uint8 batch, before the (4x larger) float conversion.
     ``out_size`` resizes the normalised batch with antialiased bilinear interpolation.
-    ``randaugment`` (e.g. torchvision's ``v2.RandAugment``) is applied to each uint8 image.
+    ``policy`` (torchvision's ``v2.AutoAugment`` or ``v2.RandAugment``) is applied to each uint8 image.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], *, crop_padding: int = 0,
                  flip: bool = False, out_size: Optional[int] = None,
-                 randaugment: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+                 policy: Optional[Callable[[Tensor], Tensor]] = None) -> None:
         if len(mean) != len(std):
             raise ValueError(f"mean and std need one value per channel, got {len(mean)} and {len(std)}")
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -42,7 +42,7 @@ class BatchTransform:
         self.crop_padding = crop_padding
         self.flip = flip
         self.out_size = out_size
-        self.randaugment = randaugment
+        self.policy = policy
 
     @property
     def augments(self) -> bool:
@@ -55,8 +55,8 @@ class BatchTransform:
             raise ValueError(f"expected {self.scale.shape[1]} channels, got {images.shape[1]}")
         if self.augments:
             images = self._crop_and_flip(images)
-        if self.randaugment is not None:  # torchvision draws one op set per call, so per image
-            images = torch.stack([self.randaugment(image) for image in images])
+        if self.policy is not None:  # torchvision draws one op set per call, so per image
+            images = torch.stack([self.policy(image) for image in images])
         x = images.float().mul_(self.scale).add_(self.shift)
         if self.out_size is not None and tuple(x.shape[-2:]) != (self.out_size, self.out_size):
             x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear",

@@ -22,6 +22,8 @@ DATASET_NAMES: tuple[str, ...] = (
 SOURCES: tuple[str, ...] = ("torchvision", "npz")
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "fail")
 MODES: tuple[str, ...] = ("memory", "stream", "auto")
+# AutoAugment's policies (torchvision's AutoAugmentPolicy values): the datasets they were searched on.
+AUTOAUGMENT_POLICIES: tuple[str, ...] = ("cifar10", "imagenet", "svhn")
 # Resize filters of the image-folder transforms (torchvision's InterpolationMode values).
 INTERPOLATIONS: tuple[str, ...] = ("nearest", "bilinear", "bicubic")
 
@@ -56,6 +58,10 @@ class DataConfig:
     randaugment_ops, randaugment_magnitude: torchvision's RandAugment on training images, this many
         ops per image at this magnitude (0..30); 0 ops disables it. It works image by image, so
         it costs far more than the batch crop and flip.
+    autoaugment: torchvision's AutoAugment on training images with the policy searched on "cifar10",
+        "imagenet" or "svhn" (Cubuk et al. 2019; CCT and Lee et al. train on CIFAR with the
+        cifar10 one); None disables it. Image by image, like RandAugment, which it replaces: set
+        one of the two.
     classes: for cifar2, the CIFAR-10 class names to keep, in label order (empty: cat, dog).
     max_train_samples: keep a seeded random subset of this many training samples.
     bad_image_policy: for imagefolder (and predict.py), "skip" unreadable images (listed in
@@ -95,6 +101,7 @@ class DataConfig:
     augment: bool = True
     randaugment_ops: int = 0
     randaugment_magnitude: int = 9
+    autoaugment: Optional[str] = None
     classes: list[str] = field(default_factory=list)
     max_train_samples: Optional[int] = None
     bad_image_policy: str = "skip"
@@ -151,6 +158,11 @@ def _validate(cfg: DataConfig) -> None:
     _choice("data.source", cfg.source, SOURCES)
     _choice("data.bad_image_policy", cfg.bad_image_policy, BAD_IMAGE_POLICIES)
     _choice("data.mode", cfg.mode, MODES)
+    if cfg.autoaugment is not None:
+        _choice("data.autoaugment", cfg.autoaugment, AUTOAUGMENT_POLICIES)
+        if cfg.randaugment_ops > 0:
+            raise ValueError(f"data.autoaugment={cfg.autoaugment} and data.randaugment_ops={cfg.randaugment_ops} are "
+                             f"two augmentation policies; set data.randaugment_ops=0 or data.autoaugment=null")
     if not 0.0 < cfg.memory_fraction <= 1.0:
         raise ValueError(f"data.memory_fraction must be in (0, 1], got {cfg.memory_fraction}")
     for option in ("batch_size", "eval_batch_size", "global_batch_size", "prefetch_factor", "img_size",

@@ -32,7 +32,7 @@ from vit.data.config import DataConfig
 from vit.data.embedded import load_mnist5k
 from vit.data.errors import DataError, DatasetNotFoundError
 from vit.data.folder import (DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION, IMG_EXTENSIONS, ImageFileDataset, check_images,
-                             eval_transform, find_classes, list_samples, randaugment, some_of, train_transform)
+                             augment_policy, eval_transform, find_classes, list_samples, some_of, train_transform)
 from vit.data.sources import ArraySplits, load_cifar, load_mnist_family
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class ArrayDataModule(VisionDataModule):
         eval_tf = BatchTransform(self.mean, self.std, out_size=cfg.img_size)
         train_tf = BatchTransform(self.mean, self.std, out_size=cfg.img_size,
                                   crop_padding=self.spec.crop_padding if cfg.augment else 0,
-                                  flip=self.spec.flip and cfg.augment, randaugment=randaugment(cfg))
+                                  flip=self.spec.flip and cfg.augment, policy=augment_policy(cfg))
         self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], train_tf)
         self.val_set = TensorImageDataset(*val, eval_tf)
         self.test_set = TensorImageDataset(*data.test, eval_tf)
@@ -289,7 +289,7 @@ class ImageFolderDataModule(VisionDataModule):
         side = self.img_size[0]
         interpolation = cfg.interpolation or DEFAULT_INTERPOLATION
         eval_tf = eval_transform(side, self.mean, self.std, interpolation, cfg.crop_pct or DEFAULT_CROP_PCT)
-        train_tf = train_transform(side, self.mean, self.std, randaugment(cfg), interpolation) if cfg.augment \
+        train_tf = train_transform(side, self.mean, self.std, augment_policy(cfg), interpolation) if cfg.augment \
             else eval_tf
         self.train_set = ImageFileDataset([train[i] for i in train_idx], train_tf, side)
         self.val_set = ImageFileDataset(val, eval_tf, side)

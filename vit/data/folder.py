@@ -172,8 +172,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def randaugment(cfg: "DataConfig") -> Optional[v2.RandAugment]:
-    """torchvision's RandAugment as configured, or None when ``randaugment_ops`` is 0."""
+def augment_policy(cfg: "DataConfig") -> Optional[Callable]:
+    """The per-image augmentation policy as configured: torchvision's AutoAugment with the policy
+    ``data.autoaugment`` names (searched on CIFAR-10, ImageNet or SVHN by Cubuk et al. 2019), or its
+    RandAugment with ``data.randaugment_ops`` ops; None when neither is set (the config allows one)."""
+    if cfg.autoaugment is not None:
+        return v2.AutoAugment(v2.AutoAugmentPolicy(cfg.autoaugment))
     if cfg.randaugment_ops <= 0:
         return None
     return v2.RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
@@ -186,13 +190,14 @@ DEFAULT_INTERPOLATION = "bilinear"
 
 
 def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
-                    randaugment: Optional[Callable] = None,
+                    policy: Optional[Callable] = None,
                     interpolation: str = DEFAULT_INTERPOLATION) -> Callable[[Image.Image], Tensor]:
-    """RandomResizedCrop(scale 0.35..1) + horizontal flip (+ RandAugment), then float (3, S, S) normalised."""
+    """RandomResizedCrop(scale 0.35..1) + horizontal flip (+ ``policy``: AutoAugment or RandAugment),
+    then float (3, S, S) normalised."""
     return v2.Compose([
         v2.RandomResizedCrop(img_size, scale=(0.35, 1.0), interpolation=_mode(interpolation), antialias=True),
         v2.RandomHorizontalFlip(),
-        *([randaugment] if randaugment is not None else []),
+        *([policy] if policy is not None else []),
         *_to_normalised_tensor(mean, std),
     ])
 

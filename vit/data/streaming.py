@@ -44,7 +44,7 @@ from vit.data.arrays import BatchTransform
 from vit.data.config import DataConfig
 from vit.data.datamodules import VisionDataModule
 from vit.data.errors import DatasetNotFoundError
-from vit.data.folder import randaugment
+from vit.data.folder import augment_policy
 from vit.data.shard_format import INDEX_FILE, META_FILE, SPLITS, ShardMeta, check_index, check_name
 
 Sample = dict[str, Any]  # {"id": int, "label": int, "image": uint8 (C, H, W) array or JPEG bytes}
@@ -281,4 +281,4 @@ class ShardDataModule(VisionDataModule):
         if not (train and cfg.augment):
             return BatchTransform(self.mean, self.std, out_size=cfg.img_size)
         return BatchTransform(self.mean, self.std, out_size=cfg.img_size, crop_padding=meta.crop_padding,
-                              flip=meta.flip, randaugment=randaugment(cfg))
+                              flip=meta.flip, policy=augment_policy(cfg))
