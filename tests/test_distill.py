@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import vit
-from vit.distill import combined_loss, distillation_loss, load_teacher
+from vit.distill import combined_loss, distillation_loss
+from vit.teacher import load_teacher
 from vit.errors import CheckpointError, ConfigError
 from vit.export import save_weights
 

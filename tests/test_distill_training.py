@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from test_bad_inputs import run_case
-from vit.distill import combined_loss, resolve_teacher_ckpt
+from vit.distill import combined_loss
+from vit.teacher import resolve_teacher_ckpt
 from vit.errors import CheckpointError
 from vit.inference import load_classifier
 from vit.lightning_module import ImageClassifier

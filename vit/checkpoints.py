@@ -73,7 +73,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, model: str, datas
 
 def model_and_data(run_dir: Path) -> tuple[str, str] | None:
     """``(model.name, data.name)`` from the config Hydra saved in ``run_dir``; None when unreadable.
-    Also how ``distill.teacher_ckpt=latest:MODEL`` finds its teacher (vit.distill)."""
+    Also how ``distill.teacher_ckpt=latest:MODEL`` finds its teacher (vit.teacher)."""
     try:
         saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
         return str(saved["model"]["name"]), str(saved["data"]["name"])

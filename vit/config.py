@@ -22,36 +22,8 @@ from vit.conf_dir import conf_dir
 from vit.config_checks import check_distill_student, check_finetune, check_model, check_values, refuse_unknown_keys
 from vit.data import DataConfig
 from vit.errors import ConfigError
+from vit.lightning_module import LossConfig, OptimConfig  # the module's own settings, typed for the schema
 from vit.registry import get_model_spec, list_models
-
-
-@dataclass
-class OptimConfig:
-    """AdamW (or SGD) with linear warm-up then cosine decay, stepped every optimizer step."""
-
-    name: str = "adamw"  # adamw | sgd
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    momentum: float = 0.9  # sgd only
-    scheduler: str = "cosine"  # cosine | constant
-    warmup_epochs: float = 1.0  # fraction of an epoch allowed; warmup_steps wins when set
-    warmup_steps: Optional[int] = None
-    min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
-    # Layer-wise learning-rate decay for fine-tuning (BEiT): block i of L trains at
-    # lr * layer_decay ** (L - i), the embeddings at lr * layer_decay ** (L + 1), the head at lr.
-    # None: one learning rate for every layer. See vit/finetune.py.
-    layer_decay: Optional[float] = None
-
-
-@dataclass
-class LossConfig:
-    """Cross-entropy and the label-mixing regularisers (timm's Mixup implementation)."""
-
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0  # 0 disables mixup
-    cutmix_alpha: float = 0.0  # 0 disables cutmix
-    mix_prob: float = 1.0  # chance that a batch is mixed at all, when either alpha > 0
 
 
 @dataclass

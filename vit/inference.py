@@ -21,7 +21,7 @@ from torch import nn
 
 from vit.checkpoints import check_compatible, load_checkpoint
 from vit.errors import CheckpointError, ConfigError
-from vit.lightning_module import ImageClassifier
+from vit.lightning_module import ImageClassifier, LossConfig, OptimConfig
 
 # Keys every safetensors weights file carries in its metadata; values are JSON except
 # model_name, a plain string. ``vit.export.save_weights`` writes them.
@@ -126,8 +126,6 @@ def load_weights(path: str | Path) -> ImageClassifier:
     with the stored tensors, in eval mode. Files without optimiser or loss settings get the
     training defaults for those, which only matter for further training."""
     from safetensors.torch import load_file
-
-    from vit.config import LossConfig, OptimConfig
 
     path = Path(path)
     meta = read_metadata(path)

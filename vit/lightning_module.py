@@ -11,7 +11,8 @@ checkpoint as plain data, so it loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -38,6 +39,35 @@ TOP5_MIN_CLASSES = 5
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
 
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (or SGD) with linear warm-up then cosine decay, stepped every optimizer step."""
+
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 1.0  # fraction of an epoch allowed; warmup_steps wins when set
+    warmup_steps: Optional[int] = None
+    min_lr_ratio: float = 0.01  # cosine ends at lr * min_lr_ratio
+    # Layer-wise learning-rate decay for fine-tuning (BEiT): block i of L trains at
+    # lr * layer_decay ** (L - i), the embeddings at lr * layer_decay ** (L + 1), the head at lr.
+    # None: one learning rate for every layer. See vit/finetune.py.
+    layer_decay: Optional[float] = None
+
+
+@dataclass
+class LossConfig:
+    """Cross-entropy and the label-mixing regularisers (timm's Mixup implementation)."""
+
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # 0 disables mixup
+    cutmix_alpha: float = 0.0  # 0 disables cutmix
+    mix_prob: float = 1.0  # chance that a batch is mixed at all, when either alpha > 0
 
 def validation_metrics(num_classes: int) -> dict[str, str]:
     """The entries of VALIDATION_METRICS logged for a dataset of ``num_classes`` classes."""

@@ -31,7 +31,7 @@ from vit.distributed import (SameRunDirectory, StopAllRanksOnError, build_strate
                              keep_file_logs_on_rank_zero, per_device_batch_size)
 from vit.checkpoints import (AtomicCheckpointIO, LastCheckpoint, check_compatible, load_checkpoint,
                              resolve_ckpt_path)
-from vit.distill import read_teacher, resolve_teacher_ckpt, teacher_for_data
+from vit.teacher import read_teacher, resolve_teacher_ckpt, teacher_for_data
 from vit.errors import ConfigError
 from vit.finetune import EMA, follow_weights, pretrained_data_config
 from vit.inference import classifier_from_checkpoint
