@@ -58,8 +58,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, model: str, datas
         log.info("ckpt_path=last: this run folder's own %s", own)
         return own
     here = output_dir.resolve()
-    candidates = [path for path in here.parent.glob(f"*/checkpoints/{LAST}")
-                  if path.parents[1] != here and model_and_data(path.parents[1]) == (model, dataset)]
+    candidates = [run / "checkpoints" / LAST for run in sibling_runs(output_dir, model, dataset)
+                  if (run / "checkpoints" / LAST).is_file()]
     if not candidates:
         raise CheckpointError(
             f"ckpt_path=last: this run folder {output_dir} has no checkpoints/{LAST}, and no other run folder "
@@ -69,6 +69,14 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, model: str, datas
     log.info("ckpt_path=last: %s has no checkpoints/%s; taking the newest earlier run of %s on %s: %s",
              output_dir, LAST, model, dataset, newest)
     return newest
+
+
+def sibling_runs(output_dir: Path, model: str, dataset: str) -> list[Path]:
+    """The other run folders beside ``output_dir`` whose run was of ``model`` on ``dataset``
+    (their ``.hydra/config.yaml`` says so): where ``ckpt_path=last`` and a ``latest:`` teacher look."""
+    here = output_dir.resolve()
+    return [run for run in here.parent.iterdir()
+            if run.is_dir() and run != here and model_and_data(run) == (model, dataset)]
 
 
 def model_and_data(run_dir: Path) -> tuple[str, str] | None:

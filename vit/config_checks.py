@@ -321,10 +321,8 @@ def check_finetune(cfg: DictConfig, name: str, kwargs: dict[str, Any], init_from
         wanted.append(f"finetune.freeze={cfg.finetune.freeze}")
     if not wanted:
         return
-    try:
-        with torch.device("meta"):
-            model = create_model(name, **kwargs)
-    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+    model = _meta_model(name, kwargs)
+    if model is None:
         return  # check_model has spoken, or the constructor needs real tensors
     if init_from and not hasattr(model, "pretrained_cfg"):
         raise ConfigError(f"model.init_from={init_from}: model {name!r} ({type(model).__name__}) does not load "
@@ -338,16 +336,23 @@ def check_finetune(cfg: DictConfig, name: str, kwargs: dict[str, Any], init_from
         raise ConfigError(f"{' '.join(wanted)} with model {name!r}: {error}") from error
 
 
+def _meta_model(name: str, kwargs: dict[str, Any]) -> Any:
+    """The model built on the meta device (shapes only, no memory), or None when it cannot be."""
+    try:
+        with torch.device("meta"):
+            return create_model(name, **kwargs)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+        return None
+
+
 def check_distill_student(cfg: DictConfig, name: str, kwargs: dict[str, Any]) -> None:
     """With a teacher (``distill.teacher_ckpt``), the student needs DeiT's distillation token and
     head, which learn from the teacher; refuse a model without them, naming one that has them.
     The model is built on the meta device, as in :func:`check_model`."""
     if cfg.distill.teacher_ckpt is None:
         return
-    try:
-        with torch.device("meta"):
-            model = create_model(name, **kwargs)
-    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+    model = _meta_model(name, kwargs)
+    if model is None:
         return  # check_model has spoken, or the constructor needs real tensors
     if getattr(model, "dist_token", None) is not None:
         return

@@ -84,19 +84,16 @@ def resolve_teacher_ckpt(teacher_ckpt: str, output_dir: Path, dataset: str) -> P
     order given), else an earlier run under the same parent (outputs/runs/). A folder counts when
     its ``.hydra/config.yaml`` names that model.name and data.name and its ``results.json`` says the
     run finished. The log says which was taken; CheckpointError when there is none."""
-    from vit.checkpoints import model_and_data
+    from vit.checkpoints import sibling_runs
 
     if not teacher_ckpt.startswith(LATEST):
         return Path(teacher_ckpt)
     model = teacher_ckpt[len(LATEST):]
     here = output_dir.resolve()
     found = []
-    for results_file in here.parent.glob("*/results.json"):
-        run_dir = results_file.parent
-        if run_dir == here or model_and_data(run_dir) != (model, dataset):
-            continue
+    for run_dir in sibling_runs(output_dir, model, dataset):
         try:
-            results = json.loads(results_file.read_text())
+            results = json.loads((run_dir / "results.json").read_text())
         except (OSError, ValueError):
             continue
         best = results.get("best_checkpoint")
