@@ -8,7 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from realdata import configured_dir, ensure_datasets
+from realdata import cache_dir, configured_dir, ensure_datasets, missing
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Without the datasets at hand, run in one process instead of pytest-xdist's workers (addopts):
+    two workers would both fetch them, and a worker cannot stop the run with one readable message."""
+    if hasattr(config, "workerinput") or getattr(config.option, "dist", "no") == "no":
+        return
+    if missing(configured_dir()) and missing(cache_dir()):
+        config.option.dist, config.option.numprocesses = "no", None
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share two cores: one thread each, and the same for the train.py processes they
+    # start (which inherit the environment). Two threads each made tests several times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

