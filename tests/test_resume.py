@@ -120,7 +120,10 @@ def test_sigint_to_train_py_leaves_last_ckpt_and_results(tmp_path):
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), "model=linear_mnist", f"data.root={EMBEDDED}", "trainer.max_epochs=50",
          "data.max_train_samples=256", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as from a terminal: a suite started in the background (`cmd &` in a script) hands its
+        # children SIGINT ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and process.poll() is None:
