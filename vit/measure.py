@@ -80,16 +80,35 @@ def measure_model(model: torch.nn.Module, images: torch.Tensor, repeats: int = 3
 _PROC_SELF = Path("/proc/self")
 
 
-def reset_peak_memory(device: torch.device) -> None:
+def reset_peak_memory(device: torch.device) -> bool:
     """Start counting the peak memory afresh, so that jobs sharing one process (the runs of a
-    Hydra ``-m`` sweep) each report their own peak rather than the largest so far."""
+    Hydra ``-m`` sweep) each report their own peak rather than the largest so far.
+
+    Returns whether the count restarted. On the CPU that needs Linux, and a kernel that honours
+    ``/proc/self/clear_refs`` (some sandboxes accept the write and ignore it): the result is read
+    back rather than assumed. Where it is False, :func:`peak_memory_mb` counts from the start of
+    the process.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return True
     try:  # Linux: writing 5 to clear_refs resets the peak resident size (VmHWM) to the current one
         (_PROC_SELF / "clear_refs").write_text("5")
+        status = _proc_status_mib()
     except OSError:
-        pass  # elsewhere the peak counts from the start of the process
+        return False
+    # Just after a reset the peak is the current size; a peak far above it means the write was ignored.
+    return "VmHWM" in status and "VmRSS" in status and status["VmHWM"] - status["VmRSS"] < 8
+
+
+def _proc_status_mib() -> dict[str, float]:
+    """The memory sizes of /proc/self/status (reported in kB), in MiB."""
+    sizes = {}
+    for line in (_PROC_SELF / "status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith(" kB"):
+            sizes[key] = int(value.split()[0]) * 1024 / MiB
+    return sizes
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -98,9 +117,9 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / MiB
     try:
-        for line in (_PROC_SELF / "status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / MiB  # reported in kB
+        status = _proc_status_mib()
+        if "VmHWM" in status:
+            return status["VmHWM"]
     except OSError:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -132,6 +132,10 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     if cfg.train and checkpoint is not None and model_init_from(cfg.model) is not None:
         log.info("model.init_from is not loaded: training continues from the weights in %s", ckpt_path)
 
+    peak_from_here = reset_peak_memory(_training_device(cfg))  # before the data: loading it counts
+    if not peak_from_here:
+        log.warning("this system cannot restart the count of peak memory: peak_memory_mb counts from the start "
+                    "of the process (in a -m sweep, the largest peak of the jobs so far)")
     data_cfg, dm, device = _data(cfg, kwargs, follows, follows_source)
     init_notes: list[str] = []
     if cfg.train:
@@ -213,6 +217,7 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
     results = results_so_far(test_metrics, interrupted=False)
     results.update(_measure(_whole_model(trainer, module), dm))
+    results["peak_memory_counted_from"] = "run" if peak_from_here else "process start"
     if cfg.test:  # gathers every rank's counts (a collective, so all ranks take part); rank zero reuses the cached value
         module.test_confusion.compute()
     if trainer.is_global_zero:
@@ -234,7 +239,6 @@ def _data(cfg: DictConfig, kwargs: dict[str, Any], follows: Mapping[str, Any] | 
             data_cfg.global_batch_size, devices_per_node(cfg.trainer.accelerator, cfg.trainer.devices),
             cfg.trainer.num_nodes, cfg.trainer.accumulate_grad_batches)
     device = _training_device(cfg)
-    reset_peak_memory(device)
     try:
         data_cfg = plan_data(data_cfg, available_memory(device))  # data.mode: memory, stream or auto
         dm = build_datamodule(data_cfg)
