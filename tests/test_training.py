@@ -284,6 +284,9 @@ def test_imagefolder_trains_from_jpeg_files(tmp_path, datasets_root):
         "trainer.enable_progress_bar=false", "data.persistent_workers=false"))
     assert results["dataset"] == "imagefolder" and results["model_config"]["num_classes"] == 2
     assert 0.0 <= results["test_acc"] <= 1.0 and results["global_step"] == 8  # 244 images / 32
+    # the test set's resize travels with the model, for predict.py
+    stored = torch.load(results["best_checkpoint"], weights_only=True)["hyper_parameters"]
+    assert stored["eval_resize"] == {"interpolation": "bilinear", "crop_pct": 0.875}
 
 
 def test_predict_prints_top_k_for_each_image(tmp_path):

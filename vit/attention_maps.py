@@ -299,7 +299,8 @@ def write_attention_figures(
     written = []
     for path, target in zip(image_paths, targets, strict=True):
         try:
-            image = load_image(Path(path), in_chans, (height, width))  # (C, H, W) in [0, 1]
+            image = load_image(Path(path), in_chans, (height, width),
+                               module.hparams.get("eval_resize"))  # (C, H, W) in [0, 1]
         except (UnidentifiedImageError, OSError) as error:
             raise UserError(f"cannot read image {path}: {error}") from error
         batch = image[None]

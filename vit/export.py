@@ -81,7 +81,8 @@ def save_weights(module_or_model: ImageClassifier | nn.Module, path: str | Path,
             a bare model created by ``vit.create_model``, which then needs ``config``.
         path: the file to write.
         config: for a bare model: ``model_name``, ``model_kwargs``, ``class_names``, ``mean``,
-            ``std`` (and optionally ``optim``, ``loss``), as in ``ImageClassifier``'s arguments.
+            ``std`` (and optionally ``optim``, ``loss``, ``eval_resize``), as in ``ImageClassifier``'s
+            arguments.
 
     Returns:
         ``path`` as a Path. The metadata holds ``model_name`` as a string and the other entries
@@ -100,7 +101,7 @@ def save_weights(module_or_model: ImageClassifier | nn.Module, path: str | Path,
             raise TypeError(f"a bare model needs config with {', '.join(WEIGHTS_METADATA)}")
         model = module_or_model
     metadata = {"model_name": str(config["model_name"])}
-    for key in ("model_kwargs", "class_names", "mean", "std", "optim", "loss"):
+    for key in ("model_kwargs", "class_names", "mean", "std", "optim", "loss", "eval_resize"):
         if key in config:
             metadata[key] = json.dumps(_plain(config[key]))
     metadata["format"] = "pt"  # the safetensors convention for PyTorch-layout tensors

@@ -132,6 +132,7 @@ def load_weights(path: str | Path) -> ImageClassifier:
     hparams = {key: meta[key] for key in WEIGHTS_METADATA}
     hparams["optim"] = meta.get("optim", asdict(OptimConfig()))
     hparams["loss"] = meta.get("loss", asdict(LossConfig()))
+    hparams["eval_resize"] = meta.get("eval_resize")  # absent from files written before it was stored
     try:
         module = ImageClassifier(**hparams)
     except ValueError as error:

@@ -126,6 +126,9 @@ class ImageClassifier(L.LightningModule):
         optim: OptimConfig fields as a dict; loss: LossConfig fields as a dict.
         class_names, mean, std: the dataset's, kept so that a checkpoint can classify raw images.
         finetune: FinetuneConfig fields as a dict (which parameters are frozen); None: none.
+        eval_resize: ``interpolation`` and ``crop_pct`` of the test images' resize (the data
+            module's ``eval_resize``), kept so that prediction resizes files the same way; None
+            (checkpoints from before it was stored): the short side resized bilinearly, no margin.
 
     Pretrained weights (``model.init_from``) are not loaded here: the training run loads them once
     into ``module.model``, so that rebuilding the module from a checkpoint does not need the file.
@@ -142,6 +145,7 @@ class ImageClassifier(L.LightningModule):
         mean: list[float],
         std: list[float],
         finetune: dict[str, Any] | None = None,
+        eval_resize: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from vit.data.config import BAD_IMAGE_POLICIES
+from vit.data.folder import resize_and_crop
 from vit.data.errors import DataError
 from vit.errors import ConfigError, UserError
 from vit.inference import NormalizedClassifier  # the normalisation an exported graph applies too
@@ -100,15 +101,17 @@ def expand_image_paths(items: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def load_image(path: Path, in_chans: int, img_size: tuple[int, int]) -> torch.Tensor:
+def load_image(path: Path, in_chans: int, img_size: tuple[int, int],
+               eval_resize: Optional[dict[str, Any]] = None) -> torch.Tensor:
     """An image file as a float tensor (in_chans, H, W) in [0, 1]: converted to grayscale or RGB,
-    shorter side resized to the model's size, centre-cropped."""
+    then resized and centre-cropped to ``img_size`` as the model's test images were
+    (``eval_resize``: interpolation and crop_pct, stored with the model; None: the short side
+    resized bilinearly to the model's size, no margin)."""
+    resize = resize_and_crop(img_size, **(eval_resize or {"interpolation": "bilinear", "crop_pct": 1.0}))
     with Image.open(path) as image:
-        image = image.convert("L" if in_chans == 1 else "RGB")
-        tensor = TF.pil_to_tensor(image)
-    tensor = TF.resize(tensor, min(img_size), antialias=True)
-    tensor = TF.center_crop(tensor, list(img_size))
-    return tensor.float() / 255.0
+        # on the PIL image, as the image-folder data resizes, so that the pixels match
+        image = resize(image.convert("L" if in_chans == 1 else "RGB"))
+    return TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)  # as the data's ToDtype scales
 
 
 @torch.inference_mode()
@@ -129,7 +132,7 @@ def predict_files(module: ImageClassifier, paths: Sequence[Path], top_k: int = 5
         chunk, images = [], []
         for path in paths[start:start + batch_size]:
             try:
-                images.append(load_image(Path(path), in_chans, (height, width)))
+                images.append(load_image(Path(path), in_chans, (height, width), hp.get("eval_resize")))
                 chunk.append(Path(path))
             except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
                 reason = f"{type(error).__name__}: {error}"

@@ -144,7 +144,7 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
             module = ImageClassifier(name, kwargs, optim=OmegaConf.to_container(cfg.optim),
                                      loss=OmegaConf.to_container(cfg.loss), class_names=list(dm.class_names),
                                      mean=list(dm.mean), std=list(dm.std),
-                                     finetune=OmegaConf.to_container(cfg.finetune))
+                                     finetune=OmegaConf.to_container(cfg.finetune), eval_resize=dm.eval_resize)
         except ValueError as error:  # the model refused its arguments, and said which
             raise ConfigError(f"model {name!r}: {error}") from error
         if teacher_file is not None:  # once, here: a module rebuilt from a checkpoint does not need the teacher

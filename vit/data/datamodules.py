@@ -76,6 +76,14 @@ class VisionDataModule(L.LightningDataModule):
     def class_names(self) -> list[str]:
         raise NotImplementedError
 
+    @property
+    def eval_resize(self) -> dict[str, Any]:
+        """How an image of another size becomes the model's input at evaluation: ``interpolation``
+        and ``crop_pct`` (short side to size / crop_pct, centre crop; vit.data.folder.resize_and_crop).
+        Stored with the model, so that prediction on files sees them as the test set was seen.
+        Here the test images already have the model's size: a file is resized whole, no margin."""
+        return {"interpolation": DEFAULT_INTERPOLATION, "crop_pct": 1.0}
+
     # Read when the transforms are made (in setup), so a config changed between construction and
     # setup (vit.finetune.follow_weights fills data.mean from pretrained weights) is the one used.
     @property
@@ -247,6 +255,12 @@ class ImageFolderDataModule(VisionDataModule):
         self._class_names: Optional[list[str]] = None
 
     @property
+    def eval_resize(self) -> dict[str, Any]:
+        """data.interpolation and data.crop_pct (filled from pretrained weights where null), else the defaults."""
+        return {"interpolation": self.cfg.interpolation or DEFAULT_INTERPOLATION,
+                "crop_pct": self.cfg.crop_pct or DEFAULT_CROP_PCT}
+
+    @property
     def class_names(self) -> list[str]:
         if self._class_names is None:
             train_dir = self.folder / "train"
@@ -287,8 +301,8 @@ class ImageFolderDataModule(VisionDataModule):
                                                cfg.max_train_samples, cfg.split_seed)
         val = samples["val"] if "val" in samples else [train[i] for i in val_idx]
         side = self.img_size[0]
-        interpolation = cfg.interpolation or DEFAULT_INTERPOLATION
-        eval_tf = eval_transform(side, self.mean, self.std, interpolation, cfg.crop_pct or DEFAULT_CROP_PCT)
+        interpolation, crop_pct = self.eval_resize["interpolation"], self.eval_resize["crop_pct"]
+        eval_tf = eval_transform(side, self.mean, self.std, interpolation, crop_pct)
         train_tf = train_transform(side, self.mean, self.std, augment_policy(cfg), interpolation) if cfg.augment \
             else eval_tf
         self.train_set = ImageFileDataset([train[i] for i in train_idx], train_tf, side)

@@ -210,11 +210,17 @@ def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
     A pretrained model is evaluated the way it was trained to be (timm's ``pretrained_cfg``):
     e.g. bicubic with crop_pct 0.9 for timm's ViTs, so 224 is cut from 248, not 256.
     """
-    return v2.Compose([
-        v2.Resize(int(img_size / crop_pct), interpolation=_mode(interpolation), antialias=True),
-        v2.CenterCrop(img_size),
-        *_to_normalised_tensor(mean, std),
-    ])
+    return v2.Compose([resize_and_crop((img_size, img_size), interpolation, crop_pct),
+                       *_to_normalised_tensor(mean, std)])
+
+
+def resize_and_crop(size: tuple[int, int], interpolation: str = DEFAULT_INTERPOLATION,
+                    crop_pct: float = DEFAULT_CROP_PCT) -> v2.Compose:
+    """A PIL image (or uint8 tensor) to ``size`` (H, W): the short side resized to
+    floor(min(size) / crop_pct), then the centre cut out. The evaluation transform's geometry,
+    shared with prediction, so that a file is seen as the test set saw its images."""
+    return v2.Compose([v2.Resize(int(min(size) / crop_pct), interpolation=_mode(interpolation), antialias=True),
+                       v2.CenterCrop(list(size))])
 
 
 def _mode(interpolation: str) -> v2.InterpolationMode:
