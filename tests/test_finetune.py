@@ -403,7 +403,7 @@ def test_an_optuna_search_runs_its_trials_and_writes_the_best(tmp_path):
                     "model.depth=1", "model.embed_dim=16", "model.num_heads=2", "preflight=false",
                     "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                     "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
-                    f"hydra.sweep.dir={tmp_path}")
+                    f"hydra.sweep.dir={tmp_path}", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}")
     assert done.returncode == 0, done.stderr[-3000:]
     trials = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "results.json").is_file())
     assert len(trials) == 2
@@ -415,3 +415,9 @@ def test_an_optuna_search_runs_its_trials_and_writes_the_best(tmp_path):
     best = (tmp_path / "optimization_results.yaml").read_text()
     assert "best_params" in best and "optim.lr" in best and "model.drop_path_rate" in best
     assert float(re.search(r"best_value: ([0-9.]+)", best).group(1)) == max(r["test_acc"] for r in tried)
+    # the study outlives the process: its database holds both trials and their values
+    import optuna
+
+    study = optuna.load_study(study_name="vit", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert sorted(t.value for t in study.trials) == sorted(r["test_acc"] for r in tried)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
