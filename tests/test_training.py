@@ -281,12 +281,19 @@ def test_imagefolder_trains_from_jpeg_files(tmp_path, datasets_root):
     results = run(compose_train(
         "data=imagefolder", f"data.path={datasets_root / 'hymenoptera_data'}", "model=vit_cifar",
         "model.depth=2", f"output_dir={tmp_path}", "trainer.max_epochs=1", "data.batch_size=32",
-        "trainer.enable_progress_bar=false", "data.persistent_workers=false"))
+        "trainer.enable_progress_bar=false", "data.persistent_workers=false", "data.interpolation=bicubic",
+        "data.crop_pct=0.9"))
     assert results["dataset"] == "imagefolder" and results["model_config"]["num_classes"] == 2
     assert 0.0 <= results["test_acc"] <= 1.0 and results["global_step"] == 8  # 244 images / 32
-    # the test set's resize travels with the model, for predict.py
+    # The test set's resize travels with the model, for predict.py and for testing the checkpoint
+    # without repeating data.interpolation and data.crop_pct: the same images, the same score.
     stored = torch.load(results["best_checkpoint"], weights_only=True)["hyper_parameters"]
-    assert stored["eval_resize"] == {"interpolation": "bilinear", "crop_pct": 0.875}
+    assert stored["eval_resize"] == {"interpolation": "bicubic", "crop_pct": 0.9}
+    again = run(compose_train(
+        "data=imagefolder", f"data.path={datasets_root / 'hymenoptera_data'}", f"output_dir={tmp_path / 'test'}",
+        "train=false", f"ckpt_path={results['best_checkpoint']}", "trainer.enable_progress_bar=false",
+        "data.persistent_workers=false"))
+    assert (again["test_acc"], again["test_loss"]) == (results["test_acc"], results["test_loss"])
 
 
 def test_predict_prints_top_k_for_each_image(tmp_path):

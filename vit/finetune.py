@@ -224,7 +224,8 @@ def adapt_stats(values: Sequence[float], in_chans: int) -> list[float] | None:
 
 def follow_weights(dm: Any, values: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Fill the ``data.mean/std/interpolation/crop_pct`` that ``dm``'s config leaves null with
-    ``values`` (from :func:`pretrained_data_config`, or a checkpoint's stored mean and std).
+    ``values`` (from :func:`pretrained_data_config`, or a checkpoint's stored mean, std and
+    ``eval_resize``).
 
     Call it after the data module is built and before ``setup``, which makes the transforms.
     Statistics are adapted to the data's channels (:func:`adapt_stats`); those that cannot be are

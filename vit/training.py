@@ -124,7 +124,9 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     init_from = model_init_from(cfg.model) if cfg.train and checkpoint is None else None
     if checkpoint is not None:
         stored = checkpoint["hyper_parameters"]
-        follows, follows_source = {"mean": stored.get("mean"), "std": stored.get("std")}, f"checkpoint {ckpt_path}"
+        # its mean and std, and for image folders the test set's resize (eval_resize, if stored)
+        follows = {"mean": stored.get("mean"), "std": stored.get("std"), **(stored.get("eval_resize") or {})}
+        follows_source = f"checkpoint {ckpt_path}"
     elif init_from is not None:
         follows, follows_source = pretrained_data_config(init_from, name, kwargs), f"model.init_from={init_from}"
     else:
