@@ -20,12 +20,12 @@ import pytest
 import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vit.conf_dir import conf_dir
 from vit.config import as_schema, check_config, model_kwargs, register_configs
 from vit.lightning_module import ImageClassifier
-from vit.errors import CheckpointError, ConfigError, UserError
+from vit.errors import CheckpointError, ConfigError
 from vit.registry import create_model
 from vit.training import run
 

@@ -4,7 +4,6 @@ one bad job must not stop the others."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -514,23 +514,20 @@ def test_truncated_mnist_file_names_the_file_and_its_expected_size(datasets_root
         build_datamodule(name="mnist", root=str(tmp_path), download=False).prepare_data()
 
 
-@pytest.mark.slow  # a subprocess: importing torch and lightning alone takes seconds
-def test_train_py_stops_on_a_truncated_mnist_file_with_one_line(datasets_root, tmp_path):
-    import os
-    import subprocess
-    import sys
+def test_a_run_stops_on_a_truncated_mnist_file_naming_it(datasets_root, tmp_path):
+    from test_training import compose_train
+    from vit.training import run
 
     raw = _mnist_copy(datasets_root, tmp_path)
     whole = (raw / "t10k-labels-idx1-ubyte").read_bytes()
     (raw / "t10k-labels-idx1-ubyte").unlink()
     (raw / "t10k-labels-idx1-ubyte").write_bytes(whole[:5000])
-    done = subprocess.run([sys.executable, str(REPO / "train.py"), "data=mnist", f"data.root={tmp_path}",
-                           "data.download=false", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "0"}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 2
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in done.stderr
-    assert f"{raw / 't10k-labels-idx1-ubyte'} is truncated: 5,000 bytes, expected 10,008" in errors[0]
+    expected = f"{raw / 't10k-labels-idx1-ubyte'} is truncated: 5,000 bytes, expected 10,008"
+    with pytest.raises(UserError) as refused:
+        run(compose_train("data=mnist", f"data.root={tmp_path}", "data.download=false",
+                          f"output_dir={tmp_path / 'run'}"))
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_mnist_labels_that_do_not_match_the_images_are_named(datasets_root, tmp_path):

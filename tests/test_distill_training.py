@@ -22,6 +22,9 @@ from vit.inference import load_classifier
 from vit.lightning_module import ImageClassifier
 from vit.preflight import resolve_precision
 
+# costly module-scoped fixtures: one worker runs them all, once (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_distill_training")
+
 # A distilled student small enough to train in seconds: vit_mnist_distilled with one narrow block.
 STUDENT = ("model=vit_mnist_distilled", "model.depth=1", "model.embed_dim=16", "model.num_heads=2")
 

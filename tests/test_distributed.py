@@ -31,6 +31,9 @@ from vit.model import Block
 from vit.registry import create_model
 from vit.training import run
 
+# costly module-scoped fixtures: one worker runs them all, once (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_distributed")
+
 JOB_TIMEOUT_S = 120  # a job that takes longer has hung: fail the test instead of waiting
 
 # A small deterministic run: no augmentation, no dropout (vit_mnist has none), float32.
@@ -357,13 +360,17 @@ def test_two_processes_end_with_the_weights_of_one_given_the_same_global_batch(o
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
-def test_fsdp_over_two_processes_ends_with_the_weights_of_one(one_process_run, tmp_path, checkpointing):
+def test_fsdp_over_two_processes_ends_with_the_weights_of_one(one_process_run, tmp_path):
     """trainer=fsdp as configured by the package (one FSDP unit per Block, FULL_SHARD, full-state
     checkpoints), run on CPU over gloo through the probe (Lightning itself allows FSDP only on
     GPUs). Each rank holds half of every block's parameters and optimizer state; reduce-scattered
     gradients are the mean over the global batch, so the weights match the one-process run's. The
-    gathered checkpoint is an ordinary one that loads into an unsharded model."""
+    gathered checkpoint is an ordinary one that loads into an unsharded model.
+
+    With activation checkpointing, so that one job (two processes, ~30 s) covers both: the wrapper
+    adds recomputation, not numbers (test_activation_checkpointing_keeps_checkpoint_keys_and_gradients),
+    and its names must not reach the checkpoint."""
+    checkpointing = True
     probe = write_probe(tmp_path)
     code, output, _ = finish(launch([str(probe), "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
                                      *SMALL_RUN, "test=false", f"distributed.activation_checkpointing={checkpointing}",

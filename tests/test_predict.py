@@ -167,13 +167,6 @@ def test_cli_skips_the_corrupt_image_and_writes_csv(tmp_path, weights, photos):
 
 
 @pytest.mark.slow  # a subprocess: importing torch and lightning alone takes seconds
-def test_cli_fail_policy_is_one_message(tmp_path, weights, photos):
-    done = predict_py(f"ckpt_path={weights}", f"images=[{photos}]", "bad_image_policy=fail", cwd=tmp_path)
-    assert done.returncode == 2 and "broken.jpg" in done.stderr and "Traceback" not in done.stderr
-    assert done.stdout == ""
-
-
-@pytest.mark.slow  # a subprocess: importing torch and lightning alone takes seconds
 def test_cli_without_images_names_the_key(tmp_path, weights):
     done = predict_py(f"ckpt_path={weights}", cwd=tmp_path)
     assert done.returncode == 2

@@ -17,6 +17,9 @@ from vit.training import run
 
 from test_training import compose_train, quick
 
+# costly module-scoped fixtures: one worker runs them all, once (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_shards")
+
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "data"
 TRAIN = 4000  # mnist5k's training split

@@ -13,7 +13,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 import vit
@@ -263,12 +262,12 @@ def test_a_two_job_sweep_runs_both(tmp_path):
 
 
 def test_missing_offline_data_is_one_clear_message(tmp_path):
-    done = train_py("data=mnist", f"data.root={tmp_path}", "data.download=false",
-                    f"hydra.run.dir={tmp_path / 'run'}")
-    assert done.returncode == 2
-    output = done.stdout + done.stderr
-    assert "Traceback" not in output
-    assert str(tmp_path.resolve()) in output and "MNIST" in output
+    from vit.data import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError) as refused:
+        run(compose_train("data=mnist", f"data.root={tmp_path}", "data.download=false",
+                          f"output_dir={tmp_path / 'run'}"))
+    assert str(tmp_path.resolve()) in str(refused.value) and "MNIST" in str(refused.value)
 
 
 def test_bad_override_exits_with_the_key_named(tmp_path):

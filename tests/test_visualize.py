@@ -16,6 +16,9 @@ from vit.training import run
 
 from test_training import REPO, compose_train, quick
 
+# costly module-scoped fixtures: one worker runs them all, once (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_visualize")
+
 
 def random_attention(batch: int, heads: int, tokens: int, layers: int) -> list[torch.Tensor]:
     return [torch.randn(batch, heads, tokens, tokens).softmax(dim=-1) for _ in range(layers)]
@@ -138,15 +141,6 @@ def test_visualize_writes_one_readable_figure_per_image(tmp_path, checkpoints, d
         assert 4 * 150 <= width <= 4000 and 3 * 150 <= height <= 4000
         assert pixels.std() > 20  # drawn, not a blank canvas
     assert not list(tmp_path.glob("outputs")) and not list(tmp_path.glob(".hydra"))  # no run directory
-
-
-def test_visualize_refuses_a_cnn_checkpoint_with_one_message(tmp_path, checkpoints, digit_pngs):
-    done = visualize_py(f"ckpt_path={checkpoints['linear_mnist']}", f"images=[{digit_pngs[0]}]",
-                        f"out={tmp_path}", cwd=tmp_path)
-    assert done.returncode == 2
-    assert "attention maps need a ViT" in done.stderr and "linear_mnist" in done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
-    assert not list(tmp_path.glob("*.png"))
 
 
 def test_exported_safetensors_weights_serve_as_ckpt_path(tmp_path, checkpoints, digit_pngs):

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 from vit.layers import to_2tuple
@@ -89,6 +88,9 @@ class SmallCNN(nn.Module):
 def resnet18_cifar(num_classes: int = 10, in_chans: int = 3, img_size: int | Sequence[int] = 32) -> nn.Module:
     """torchvision's ResNet-18 for small images: a 3x3 stride-1 stem and no max-pool,
     so a 32x32 image keeps 4x4 resolution in the last stage (He et al.'s CIFAR setting)."""
+    # Imported here: torchvision's models bring torch._dynamo, seconds of `import vit` for one model.
+    import torchvision
+
     to_2tuple(img_size, "img_size")  # validated; the network itself is size-agnostic
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)

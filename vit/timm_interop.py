@@ -94,6 +94,7 @@ def from_timm(timm_model: nn.Module, **overrides: Any) -> VisionTransformer:
 
 def to_timm(model: VisionTransformer, **overrides: Any) -> nn.Module:
     """Build timm's ``VisionTransformer`` with this model's configuration and weights."""
+    from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
     if not isinstance(model, VisionTransformer):
@@ -107,8 +108,7 @@ def to_timm(model: VisionTransformer, **overrides: Any) -> nn.Module:
     if problems:
         raise ValueError(f"timm's VisionTransformer has no {', '.join(problems)}; only patch-embedding ViTs convert")
     arguments = {**_architecture(model), **overrides}
-    if arguments.pop("distilled"):
-        from timm.models.deit import VisionTransformerDistilled as TimmVisionTransformer
-    timm_model = TimmVisionTransformer(**arguments)
+    timm_class = VisionTransformerDistilled if arguments.pop("distilled") else TimmVisionTransformer
+    timm_model = timm_class(**arguments)
     timm_model.load_state_dict(model.state_dict())
     return timm_model.to(next(model.parameters()).dtype)

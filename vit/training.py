@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vit.callbacks import EpochSummary, RunFolderCSVLogger, TestCurve, TrainingClock
-from vit.config import TrainerConfig, as_schema, check_config, model_init_from, model_kwargs
+from vit.config import as_schema, check_config, model_init_from, model_kwargs
 from vit.data import DataConfig, build_datamodule, plan_data
 from vit.distributed import (SameRunDirectory, StopAllRanksOnError, build_strategy, devices_per_node,
                              keep_file_logs_on_rank_zero, per_device_batch_size)
@@ -122,15 +122,7 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     # weights expect, wherever data.* leaves it open: a checkpoint's stored statistics, or those of
     # the pretrained weights, which are read here so that a bad file stops the run before the data.
     init_from = model_init_from(cfg.model) if cfg.train and checkpoint is None else None
-    if checkpoint is not None:
-        stored = checkpoint["hyper_parameters"]
-        # its mean and std, and for image folders the test set's resize (eval_resize, if stored)
-        follows = {"mean": stored.get("mean"), "std": stored.get("std"), **(stored.get("eval_resize") or {})}
-        follows_source = f"checkpoint {ckpt_path}"
-    elif init_from is not None:
-        follows, follows_source = pretrained_data_config(init_from, name, kwargs), f"model.init_from={init_from}"
-    else:
-        follows, follows_source = None, ""
+    follows, follows_source = _data_follows(checkpoint, ckpt_path, init_from, name, kwargs)
     if cfg.train and checkpoint is not None and model_init_from(cfg.model) is not None:
         log.info("model.init_from is not loaded: training continues from the weights in %s", ckpt_path)
 
@@ -139,35 +131,8 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         log.warning("this system cannot restart the count of peak memory: peak_memory_mb counts from the start "
                     "of the process (in a -m sweep, the largest peak of the jobs so far)")
     data_cfg, dm, device = _data(cfg, kwargs, follows, follows_source)
-    init_notes: list[str] = []
-    if cfg.train:
-        kwargs = match_model_to_data(name, kwargs, data_cfg.name, dm)
-        try:
-            module = ImageClassifier(name, kwargs, optim=OmegaConf.to_container(cfg.optim),
-                                     loss=OmegaConf.to_container(cfg.loss), class_names=list(dm.class_names),
-                                     mean=list(dm.mean), std=list(dm.std),
-                                     finetune=OmegaConf.to_container(cfg.finetune), eval_resize=dm.eval_resize)
-        except ValueError as error:  # the model refused its arguments, and said which
-            raise ConfigError(f"model {name!r}: {error}") from error
-        if teacher_file is not None:  # once, here: a module rebuilt from a checkpoint does not need the teacher
-            module.distill_from(teacher_for_data(teacher_file, teacher_path, dm), cfg.distill.type,
-                                cfg.distill.alpha, cfg.distill.tau)
-            log.info("distillation (%s, alpha %g, tau %g) from teacher %s in %s", cfg.distill.type, cfg.distill.alpha,
-                     cfg.distill.tau, teacher_file.hparams.model_name, teacher_path)
-        if checkpoint is not None:
-            check_compatible(checkpoint["state_dict"], module, ckpt_path)
-        elif init_from is not None:  # once, here: a module rebuilt from a checkpoint does not need the file
-            report = load_pretrained(module.model, init_from)
-            init_notes = list(report.notes)
-            if report.missing:  # the head for another class count, for one
-                init_notes.append(f"left as initialised: {', '.join(report.missing)}")
-            if report.unexpected:
-                init_notes.append(f"ignored: {', '.join(report.unexpected)}")
-    else:
-        _check_stored_model_fits_data(name, kwargs, data_cfg.name, dm, ckpt_path)
-        module = classifier_from_checkpoint(checkpoint)
-        if cfg.distill.teacher_ckpt is not None:
-            log.info("distill.teacher_ckpt is not loaded: train=false only tests")
+    module, init_notes = _build_module(cfg, name, kwargs, dm, checkpoint, ckpt_path, init_from,
+                                       teacher_file, teacher_path)
     teacher_model = teacher_file.hparams.model_name if teacher_file is not None else None
     del checkpoint, teacher_file
 
@@ -197,17 +162,8 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         })
         return results
 
-    test_metrics: dict[str, float] = {}
     try:
-        if cfg.train:
-            # Lightning unwraps a compiled module (its steps stay compiled), so checkpoints keep plain keys.
-            fit_module = torch.compile(module) if cfg.compile else module
-            trainer.fit(fit_module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
-        if cfg.test:
-            ckpt_callback = trainer.checkpoint_callback
-            best = ckpt_callback.best_model_path if cfg.train and ckpt_callback and ckpt_callback.best_model_path \
-                else None
-            test_metrics = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
+        test_metrics = _fit_and_test(cfg, trainer, module, dm, ckpt_path)
     except SystemExit:
         # Lightning answers Ctrl-C by calling the callbacks' on_exception (LastCheckpoint saves there),
         # then sys.exit(1). Before leaving, say in the run folder what happened and how far the run got.
@@ -226,6 +182,72 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         _write_outputs(output_dir, module, dm, results, tested=bool(cfg.test))
         log.info("test accuracy %s | results in %s", _fmt(results.get("test_acc")), output_dir / "results.json")
     return results
+
+
+def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: ImageClassifier, dm: Any,
+                  ckpt_path: Path | None) -> dict[str, float]:
+    """Fit (from ``ckpt_path`` if given) when cfg.train, then test the best checkpoint (the module as
+    it is with train=false) when cfg.test; returns the test metrics, {} without a test."""
+    if cfg.train:
+        # Lightning unwraps a compiled module (its steps stay compiled), so checkpoints keep plain keys.
+        fit_module = torch.compile(module) if cfg.compile else module
+        trainer.fit(fit_module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # never unpickle code
+    if not cfg.test:
+        return {}
+    ckpt_callback = trainer.checkpoint_callback
+    best = ckpt_callback.best_model_path if cfg.train and ckpt_callback and ckpt_callback.best_model_path else None
+    return trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
+
+
+def _data_follows(checkpoint: dict[str, Any] | None, ckpt_path: Path | None, init_from: str | None, name: str,
+                  kwargs: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """What the data settings left null follow (vit.finetune.follow_weights), and where from: a
+    checkpoint's mean and std and, for image folders, its test set's resize (``eval_resize``); or
+    the pretrained weights' ``pretrained_cfg``; or nothing (None, "")."""
+    if checkpoint is not None:
+        stored = checkpoint["hyper_parameters"]
+        values = {"mean": stored.get("mean"), "std": stored.get("std"), **(stored.get("eval_resize") or {})}
+        return values, f"checkpoint {ckpt_path}"
+    if init_from is not None:
+        return pretrained_data_config(init_from, name, kwargs), f"model.init_from={init_from}"
+    return None, ""
+
+
+def _build_module(cfg: DictConfig, name: str, kwargs: dict[str, Any], dm: Any, checkpoint: dict[str, Any] | None,
+                  ckpt_path: Path | None, init_from: str | None, teacher_file: ImageClassifier | None,
+                  teacher_path: Path | None) -> tuple[ImageClassifier, list[str]]:
+    """The module to fit, with its teacher and its starting weights (the checkpoint's, checked to
+    fit, are loaded later by Lightning; pretrained ones here), and the notes on how pretrained
+    weights were fitted to it. With train=false: the checkpoint's own module, as stored."""
+    if not cfg.train:
+        _check_stored_model_fits_data(name, kwargs, dm.cfg.name, dm, ckpt_path)
+        if cfg.distill.teacher_ckpt is not None:
+            log.info("distill.teacher_ckpt is not loaded: train=false only tests")
+        return classifier_from_checkpoint(checkpoint), []
+    kwargs = match_model_to_data(name, kwargs, dm.cfg.name, dm)
+    try:
+        module = ImageClassifier(name, kwargs, optim=OmegaConf.to_container(cfg.optim),
+                                 loss=OmegaConf.to_container(cfg.loss), class_names=list(dm.class_names),
+                                 mean=list(dm.mean), std=list(dm.std),
+                                 finetune=OmegaConf.to_container(cfg.finetune), eval_resize=dm.eval_resize)
+    except ValueError as error:  # the model refused its arguments, and said which
+        raise ConfigError(f"model {name!r}: {error}") from error
+    if teacher_file is not None:  # once, here: a module rebuilt from a checkpoint does not need the teacher
+        module.distill_from(teacher_for_data(teacher_file, teacher_path, dm), cfg.distill.type,
+                            cfg.distill.alpha, cfg.distill.tau)
+        log.info("distillation (%s, alpha %g, tau %g) from teacher %s in %s", cfg.distill.type, cfg.distill.alpha,
+                 cfg.distill.tau, teacher_file.hparams.model_name, teacher_path)
+    init_notes: list[str] = []
+    if checkpoint is not None:
+        check_compatible(checkpoint["state_dict"], module, ckpt_path)
+    elif init_from is not None:  # once, here: a module rebuilt from a checkpoint does not need the file
+        report = load_pretrained(module.model, init_from)
+        init_notes = list(report.notes)
+        if report.missing:  # the head for another class count, for one
+            init_notes.append(f"left as initialised: {', '.join(report.missing)}")
+        if report.unexpected:
+            init_notes.append(f"ignored: {', '.join(report.unexpected)}")
+    return module, init_notes
 
 
 def _data(cfg: DictConfig, kwargs: dict[str, Any], follows: Mapping[str, Any] | None = None,

@@ -210,7 +210,7 @@ def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
     A pretrained model is evaluated the way it was trained to be (timm's ``pretrained_cfg``):
     e.g. bicubic with crop_pct 0.9 for timm's ViTs, so 224 is cut from 248, not 256.
     """
-    return v2.Compose([resize_and_crop((img_size, img_size), interpolation, crop_pct),
+    return v2.Compose([*resize_and_crop((img_size, img_size), interpolation, crop_pct).transforms,
                        *_to_normalised_tensor(mean, std)])
 
 
