@@ -161,9 +161,7 @@ def test_cli_skips_the_corrupt_image_and_writes_csv(tmp_path, weights, photos):
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 3 * 2 + 1 and rows[-1]["path"] == str(photos / "broken.jpg") and rows[-1]["error"]
 
-    again = predict_py(f"ckpt_path={weights}", f"images=[{photos}]", f"out={out}", cwd=tmp_path)
-    assert again.returncode == 2 and "exists" in again.stderr and "overwrite=true" in again.stderr
-    assert "Traceback" not in again.stderr and again.stdout == ""
+    # (a second run to the same out= is refused: test_output_file_takes_the_format_from_the_suffix_or_format)
 
 
 @pytest.mark.slow  # a subprocess: importing torch and lightning alone takes seconds
