@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from vit.data.config import BAD_IMAGE_POLICIES
-from vit.data.folder import resize_and_crop
+from vit.data.folder import WHOLE_IMAGE_RESIZE, resize_and_crop
 from vit.data.errors import DataError
 from vit.errors import ConfigError, UserError
 from vit.inference import NormalizedClassifier  # the normalisation an exported graph applies too
@@ -107,7 +107,7 @@ def load_image(path: Path, in_chans: int, img_size: tuple[int, int],
     then resized and centre-cropped to ``img_size`` as the model's test images were
     (``eval_resize``: interpolation and crop_pct, stored with the model; None: the short side
     resized bilinearly to the model's size, no margin)."""
-    resize = resize_and_crop(img_size, **(eval_resize or {"interpolation": "bilinear", "crop_pct": 1.0}))
+    resize = resize_and_crop(img_size, **(eval_resize or WHOLE_IMAGE_RESIZE))
     with Image.open(path) as image:
         # on the PIL image, as the image-folder data resizes, so that the pixels match
         image = resize(image.convert("L" if in_chans == 1 else "RGB"))

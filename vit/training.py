@@ -128,7 +128,7 @@ def run(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
     peak_from_here = reset_peak_memory(_training_device(cfg))  # before the data: loading it counts
     if not peak_from_here:
-        log.warning("this system cannot restart the count of peak memory: peak_memory_mb counts from the start "
+        log.info("this system cannot restart the count of peak memory: peak_memory_mb counts from the start "
                     "of the process (in a -m sweep, the largest peak of the jobs so far)")
     data_cfg, dm, device = _data(cfg, kwargs, follows, follows_source)
     module, init_notes = _build_module(cfg, name, kwargs, dm, checkpoint, ckpt_path, init_from,

@@ -31,8 +31,9 @@ from vit.data.arrays import BatchTransform, TensorImageDataset, passthrough_coll
 from vit.data.config import DataConfig
 from vit.data.embedded import load_mnist5k
 from vit.data.errors import DataError, DatasetNotFoundError
-from vit.data.folder import (DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION, IMG_EXTENSIONS, ImageFileDataset, check_images,
-                             augment_policy, eval_transform, find_classes, list_samples, some_of, train_transform)
+from vit.data.folder import (DEFAULT_CROP_PCT, DEFAULT_INTERPOLATION, IMG_EXTENSIONS, WHOLE_IMAGE_RESIZE,
+                             ImageFileDataset, augment_policy, check_images, eval_transform, find_classes,
+                             list_samples, some_of, train_transform)
 from vit.data.sources import ArraySplits, load_cifar, load_mnist_family
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class VisionDataModule(L.LightningDataModule):
         and ``crop_pct`` (short side to size / crop_pct, centre crop; vit.data.folder.resize_and_crop).
         Stored with the model, so that prediction on files sees them as the test set was seen.
         Here the test images already have the model's size: a file is resized whole, no margin."""
-        return {"interpolation": DEFAULT_INTERPOLATION, "crop_pct": 1.0}
+        return dict(WHOLE_IMAGE_RESIZE)
 
     # Read when the transforms are made (in setup), so a config changed between construction and
     # setup (vit.finetune.follow_weights fills data.mean from pretrained weights) is the one used.

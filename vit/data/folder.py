@@ -187,6 +187,9 @@ def augment_policy(cfg: "DataConfig") -> Optional[Callable]:
 # otherwise: the short side resized to img_size / 0.875 (256 for 224), the ImageNet convention.
 DEFAULT_CROP_PCT = 0.875
 DEFAULT_INTERPOLATION = "bilinear"
+# The resize of images whose test set has the model's size already (MNIST- and CIFAR-style data,
+# shards), and of checkpoints that do not say: the whole short side to the model's size.
+WHOLE_IMAGE_RESIZE = {"interpolation": DEFAULT_INTERPOLATION, "crop_pct": 1.0}
 
 
 def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float],
