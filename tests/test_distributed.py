@@ -370,10 +370,9 @@ def test_fsdp_over_two_processes_ends_with_the_weights_of_one(one_process_run, t
     With activation checkpointing, so that one job (two processes, ~30 s) covers both: the wrapper
     adds recomputation, not numbers (test_activation_checkpointing_keeps_checkpoint_keys_and_gradients),
     and its names must not reach the checkpoint."""
-    checkpointing = True
     probe = write_probe(tmp_path)
     code, output, _ = finish(launch([str(probe), "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
-                                     *SMALL_RUN, "test=false", f"distributed.activation_checkpointing={checkpointing}",
+                                     *SMALL_RUN, "test=false", "distributed.activation_checkpointing=true",
                                      f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, PROBE_FSDP_ON_CPU="1"))
     assert code == 0, output[-4000:]
     assert "Starting with 2 processes" in output
